@@ -62,7 +62,47 @@ def sign_q(x: torch.Tensor) -> torch.Tensor:
     s = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
     if get_gradient_mode() == "native":
         return s.detach() + 0.0 * x  # keeps the graph connected, gradient exactly zero
-    return x + (s - x).detach()
+    # (x - x.detach()) is exactly 0 with gradient 1, so the value is exactly ±1 even for |x| ≥ 2**24,
+    # where x + (s - x) would lose s to rounding
+    return (x - x.detach()) + s
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Fused ``round(clamp(x * inv_scale, qmin, qmax)) * scale``; hardtanh-shaped STE backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale, inv_scale, qmin, qmax):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.bounds = (qmin * scale, qmax * scale)
+        out = torch.mul(x, inv_scale)
+        return out.clamp_(qmin, qmax).round_().mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        return torch.ops.aten.hardtanh_backward(grad, x, lo, hi), None, None, None, None
+
+
+def fake_quant_q(x: torch.Tensor, scale: float, qmin: int, qmax: int) -> torch.Tensor:
+    """Per-tensor fake quantization ``round(clamp(x / scale, qmin, qmax)) * scale`` under the gradient mode.
+
+    The value equals ``torch.fake_quantize_per_tensor_affine(x, scale, 0, qmin, qmax)`` bit for bit (it
+    multiplies by the float32 reciprocal of ``scale`` and rounds half to even, as that op does). Backward:
+    under "ste" the gradient is 1 where ``qmin * scale < x < qmax * scale`` and 0 elsewhere (the gradient of
+    ``hardtanh``, i.e. of ReLU6 when the range is [0, 6]); under "native" it is the literal zero of ``round``.
+    It is ``clamp`` + :func:`round_q` fused into one autograd node (four in-place passes forward, one pass
+    backward), so quantizing every activation of a ResNet-20 adds only a few percent to a training step.
+
+    >>> fake_quant_q(torch.tensor([-1.0, 0.2, 0.3, 0.9, 5.0]), 0.5, 0, 2)
+    tensor([0.0000, 0.0000, 0.5000, 1.0000, 1.0000])
+    """
+    scale32 = torch.tensor(scale, dtype=torch.float32)
+    inv = float(1.0 / scale32)  # float32 reciprocal, exactly as fake_quantize computes it
+    scale = float(scale32)
+    if get_gradient_mode() == "native":
+        return torch.round(torch.clamp(x * inv, qmin, qmax)) * scale
+    return _FakeQuantSTE.apply(x, scale, inv, qmin, qmax)
 
 
 def quant_modules(model: nn.Module) -> list[nn.Module]:

@@ -1,0 +1,330 @@
+"""Turn a float model into a quantization-aware one, and describe what each layer costs.
+
+``quantize(model, spec)`` swaps every ``nn.Conv2d``/``nn.Linear`` (exact types) for ``QuantConv2d``/
+``QuantLinear`` and every ``nn.ReLU``/``nn.ReLU6`` module for ``QuantAct``; the float weights are kept as the
+latent parameters under the same state-dict names, so a float checkpoint loads into the quantized model with
+only the quantizers' own entries (LSQ ``…weight_quant.step``, PACT ``…act_quant.alpha``) missing — see
+:func:`load_float_state_dict`. Subclasses of those layers and functional activations are left alone (a
+warning names them).
+
+Size accounting of :func:`describe` (stated once, used everywhere): each weight costs its bit-width; every
+other number a deployed model stores costs 32 bits — biases, per-tensor/per-channel scales and LSQ steps
+(DoReFa needs none: its levels are fixed in [−1, 1]), activation clip levels α (sign activations need
+none), and all remaining parameters (BatchNorm affine, …) in one "(other)" row. Buffers (BatchNorm running
+statistics, normalisation constants) are not counted. The float32 reference is 32 bits per parameter of the
+float model.
+
+>>> import torch.nn as nn
+>>> qm = quantize(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), "w4a4")
+>>> [type(m).__name__ for m in qm]
+['QuantLinear', 'QuantAct', 'QuantLinear']
+>>> totals = size_totals(describe(qm))
+>>> totals["size_bits"], totals["float_bits"]
+(424, 736)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from qrobust.errors import CheckpointError, ConfigError
+from qrobust.quant.layers import QuantAct, QuantConv2d, QuantLinear
+from qrobust.quant.quantizers import Quantizer
+from qrobust.quant.spec import FLOAT_BITS, QuantSpec
+from qrobust.utils import model_device
+
+__all__ = [
+    "describe",
+    "format_description",
+    "is_quantized",
+    "load_float_state_dict",
+    "quantize",
+    "quantizer_state_keys",
+    "size_totals",
+]
+
+logger = logging.getLogger(__name__)
+
+QUANT_LAYERS = (QuantConv2d, QuantLinear, QuantAct)
+_WEIGHT_TYPES = (nn.Conv2d, nn.Linear)
+_ACT_TYPES = (nn.ReLU, nn.ReLU6)
+_WEIGHT_FIELDS = ("weight_bits", "weight_scheme")
+_ACT_FIELDS = ("act_bits", "act_scheme", "act_clip")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when ``model`` contains any QuantConv2d, QuantLinear or QuantAct."""
+    return any(isinstance(m, QUANT_LAYERS) for m in model.modules())
+
+
+def _swappable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    weights: list[tuple[str, nn.Module]] = []
+    acts: list[tuple[str, nn.Module]] = []
+    skipped: list[str] = []
+    for name, m in model.named_modules():
+        if type(m) in _WEIGHT_TYPES:
+            weights.append((name, m))
+        elif type(m) in _ACT_TYPES:
+            acts.append((name, m))
+        elif isinstance(m, _WEIGHT_TYPES + _ACT_TYPES):
+            skipped.append(f"{name or '<root>'} ({type(m).__name__})")
+    if skipped:
+        logger.warning(
+            "quantize: left %d module(s) unquantized because they subclass Conv2d/Linear/ReLU/ReLU6 "
+            "rather than being those exact types: %s",
+            len(skipped),
+            ", ".join(skipped[:10]) + (" …" if len(skipped) > 10 else ""),
+        )
+    return weights, acts
+
+
+def _first_and_last(weights: list[tuple[str, nn.Module]]) -> tuple[str | None, str | None]:
+    """First Conv2d/Linear, and last Linear (last Conv2d/Linear if there is no Linear), in module order."""
+    if not weights:
+        return None, None
+    linears = [n for n, m in weights if isinstance(m, nn.Linear)]
+    return weights[0][0], (linears[-1] if linears else weights[-1][0])
+
+
+def _matches(key: str, names: list[str]) -> list[str]:
+    return [n for n in names if n == key or n.startswith(key + ".")]
+
+
+def _check_overrides(spec: QuantSpec, weight_names: list[str], act_names: list[str]) -> None:
+    for key, ov in spec.overrides.items():
+        hit_w, hit_a = _matches(key, weight_names), _matches(key, act_names)
+        if not hit_w and not hit_a:
+            valid = weight_names + act_names
+            shown = ", ".join(valid[:30]) + (f", … ({len(valid)} in all)" if len(valid) > 30 else "")
+            raise ConfigError(
+                f"override {key!r} names no Conv2d/Linear/ReLU/ReLU6 module of this model (nor a prefix of "
+                f"one's name); quantizable modules: {shown or 'none'}"
+            )
+        if any(f in ov for f in _WEIGHT_FIELDS) and not hit_w:
+            logger.warning("override %r sets weight settings but matches no Conv2d/Linear module", key)
+        if any(f in ov for f in _ACT_FIELDS) and not hit_a:
+            logger.warning(
+                "override %r sets activation settings but matches no ReLU/ReLU6 module (activations are "
+                "quantized by the activation modules, e.g. %r)",
+                key,
+                act_names[0] if act_names else "relu",
+            )
+
+
+def quantize(
+    model: nn.Module, spec: QuantSpec | str | Mapping[str, Any], *, inplace: bool = False
+) -> nn.Module:
+    """The quantization-aware version of ``model`` under ``spec`` (a QuantSpec, ``"w4a4"`` or a dict).
+
+    ``inplace=False`` (default) deep-copies ``model`` first and leaves it untouched; ``inplace=True`` swaps
+    the modules of ``model`` itself and returns it, its Parameter objects unchanged (an optimizer built on
+    them keeps working, though quantizer parameters such as LSQ steps are new). A trained float model keeps
+    its weights; LSQ steps are initialised from them. Sets ``model.qrobust_spec = spec.to_dict()`` and keeps
+    ``model.qrobust_arch``.
+    """
+    spec = QuantSpec.coerce(spec)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"quantize needs a torch.nn.Module, got {type(model).__name__}")
+    if is_quantized(model):
+        raise ConfigError(
+            "model already contains quantized layers (QuantConv2d/QuantLinear/QuantAct); quantize the float "
+            "model instead (e.g. rebuild it with qrobust.models.build_model) — quantize() is not re-entrant"
+        )
+    target = model if inplace else copy.deepcopy(model)
+    weights, acts = _swappable(target)
+    _check_overrides(spec, [n for n, _ in weights], [n for n, _ in acts])
+
+    device = model_device(target)
+    dtype = next((p.dtype for p in target.parameters() if p.is_floating_point()), None)
+    replacements: dict[int, nn.Module] = {}
+    first, last = _first_and_last(weights)
+    for name, m in weights:
+        cfg = spec.weight_config(name, first=name == first, last=name == last)
+        cls = QuantConv2d if type(m) is nn.Conv2d else QuantLinear
+        replacements[id(m)] = cls.from_float(
+            m, weight_bits=cfg["bits"], weight_scheme=cfg["scheme"], ste=cfg["ste"]
+        )
+    for name, m in acts:
+        cfg = spec.act_config(name)
+        replacements[id(m)] = QuantAct.from_float(
+            m,
+            bits=cfg["bits"],
+            scheme=cfg["scheme"],
+            clip=cfg["clip"],
+            ste=cfg["ste"],
+            device=device,
+            dtype=dtype,
+        )
+
+    if id(target) in replacements:  # the model is itself a single Conv2d/Linear/ReLU
+        root = replacements[id(target)]
+        if hasattr(target, "qrobust_arch"):
+            root.qrobust_arch = target.qrobust_arch
+        target = root
+    else:
+        for parent in list(target.modules()):
+            for child_name, child in list(parent.named_children()):
+                if id(child) in replacements:
+                    setattr(parent, child_name, replacements[id(child)])
+    target.qrobust_spec = spec.to_dict()
+    logger.info("quantized %d weight layer(s) and %d activation(s) to %s", len(weights), len(acts), spec)
+    return target
+
+
+def quantizer_state_keys(model: nn.Module) -> list[str]:
+    """State-dict keys that belong to quantizers (LSQ steps, PACT α …) rather than to the float model."""
+    keys: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, Quantizer):
+            keys.extend(m.state_dict(prefix=f"{name}." if name else "").keys())
+    return keys
+
+
+def load_float_state_dict(
+    qmodel: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True
+) -> list[str]:
+    """Load a float model's ``state_dict`` into its quantized version ``qmodel``.
+
+    Quantizer entries absent from ``state_dict`` keep (LSQ: get re-initialised from the loaded weights)
+    their initial values; their keys are returned. With ``strict``, any other missing key or any unexpected
+    key raises CheckpointError. Entries that are present (a quantized checkpoint) are loaded as they are.
+    """
+    own = set(qmodel.state_dict().keys())
+    quant_keys = set(quantizer_state_keys(qmodel))
+    given = set(state_dict.keys())
+    missing, unexpected = own - given, given - own
+    bad_missing = sorted(missing - quant_keys)
+    if strict and (bad_missing or unexpected):
+        raise CheckpointError(
+            "state dict does not match the quantized model: "
+            f"missing {bad_missing[:10]}{' …' if len(bad_missing) > 10 else ''}, "
+            f"unexpected {sorted(unexpected)[:10]}{' …' if len(unexpected) > 10 else ''}; "
+            "was it saved from the same architecture (same qrobust_arch)?"
+        )
+    try:
+        qmodel.load_state_dict(dict(state_dict), strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"state dict does not fit the quantized model: {e}") from e
+    for name, m in qmodel.named_modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)) and m.weight_quant is not None:
+            prefix = f"{name}.weight_quant." if name else "weight_quant."
+            if any(k.startswith(prefix) for k in missing & quant_keys):
+                m.reset_quantizer()
+    return sorted(missing & quant_keys)
+
+
+# ---- describe ---------------------------------------------------------------------------------------------
+def describe(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per Conv2d/Linear and per activation (ReLU/ReLU6/QuantAct), plus an "(other)" row.
+
+    Row keys: ``name, type, kind ("weight" | "act" | "other"), scheme ("float" when unquantized),
+    weight_bits, act_bits (None where not applicable), params (learnable parameters, quantizer ones
+    included), size_bits, float_bits``. Sizes follow the module docstring. Works on float models too.
+    """
+    rows: list[dict[str, Any]] = []
+    counted: set[int] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, _WEIGHT_TYPES):
+            q = m.weight_quant if isinstance(m, (QuantConv2d, QuantLinear)) else None
+            bits = m.weight_bits if q is not None else FLOAT_BITS
+            n_w = m.weight.numel()
+            n_b = m.bias.numel() if m.bias is not None else 0
+            n_q = sum(p.numel() for p in q.parameters()) if q is not None else 0
+            scales = q.num_scales(m.weight) if q is not None else 0
+            rows.append(
+                {
+                    "name": name, "type": type(m).__name__, "kind": "weight",
+                    "scheme": q.scheme if q is not None else "float", "weight_bits": bits, "act_bits": None,
+                    "params": n_w + n_b + n_q, "size_bits": n_w * bits + 32 * (n_b + scales),
+                    "float_bits": 32 * (n_w + n_b),
+                }
+            )  # fmt: skip
+            counted.update(id(p) for p in m.parameters())
+        elif isinstance(m, QuantAct) or type(m) in _ACT_TYPES:
+            q = m.act_quant if isinstance(m, QuantAct) else None
+            rows.append(
+                {
+                    "name": name, "type": type(m).__name__, "kind": "act",
+                    "scheme": q.scheme if q is not None else "float", "weight_bits": None,
+                    "act_bits": m.bits if q is not None else FLOAT_BITS,
+                    "params": sum(p.numel() for p in m.parameters()),
+                    "size_bits": 32 * q.num_scales() if q is not None else 0, "float_bits": 0,
+                }
+            )  # fmt: skip
+            counted.update(id(p) for p in m.parameters())
+    other_types: set[str] = set()
+    n_other = 0
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if id(p) not in counted:
+                counted.add(id(p))
+                n_other += p.numel()
+                other_types.add(type(m).__name__)
+    if n_other:
+        rows.append(
+            {
+                "name": "(other)", "type": ",".join(sorted(other_types)), "kind": "other", "scheme": "float",
+                "weight_bits": FLOAT_BITS, "act_bits": None, "params": n_other, "size_bits": 32 * n_other,
+                "float_bits": 32 * n_other,
+            }
+        )  # fmt: skip
+    return rows
+
+
+def size_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"params", "size_bits", "float_bits", "compression"}`` summed over ``describe`` rows."""
+    size = sum(r["size_bits"] for r in rows)
+    flt = sum(r["float_bits"] for r in rows)
+    return {
+        "params": sum(r["params"] for r in rows),
+        "size_bits": size,
+        "float_bits": flt,
+        "compression": (flt / size) if size else float("nan"),
+    }
+
+
+def _kib(bits: int) -> str:
+    return f"{bits / 8192:.2f}"
+
+
+def format_description(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of ``describe`` rows with totals and the compression ratio vs float32."""
+    header = ("layer", "type", "scheme", "w bits", "a bits", "params", "size bits")
+    body = [
+        (
+            r["name"] or "<root>",
+            r["type"],
+            r["scheme"],
+            "-" if r["weight_bits"] is None else str(r["weight_bits"]),
+            "-" if r["act_bits"] is None else str(r["act_bits"]),
+            f"{r['params']:,}",
+            f"{r['size_bits']:,}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    right = {3, 4, 5, 6}
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
+    t = size_totals(rows)
+    lines = [fmt(header), "  ".join("-" * w for w in widths), *(fmt(b) for b in body)]
+    ratio = f"{t['compression']:.2f}x smaller" if t["size_bits"] else "n/a"
+    lines.append(
+        f"total: {t['params']:,} params, {_kib(t['size_bits'])} KiB vs "
+        f"{_kib(t['float_bits'])} KiB in float32 ({ratio})"
+    )
+    lines.append(
+        "(weights at their bit-widths; biases, scales, clip levels and other parameters at 32 bits; "
+        "buffers not counted)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""Drop-in quantized layers: ``QuantConv2d``, ``QuantLinear`` (subclasses of the float layers), ``QuantAct``.
+
+The float weights stay the parameters (``weight``/``bias``, same state-dict names as the float layer) and
+are fake-quantized once per forward — standard quantization-aware training with straight-through
+estimators. A quantizer's own parameters live under ``weight_quant.`` / ``act_quant.``.
+
+Every layer has ``quant_enabled`` (True by default). When False, ``QuantConv2d``/``QuantLinear`` use the
+float weight and ``QuantAct`` is exactly the activation it replaced (ReLU or ReLU6), whatever its clip α:
+that is the float surrogate :func:`qrobust.quant.modes.quantization_disabled` gives attacks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust.errors import ConfigError
+from qrobust.quant.quantizers import Quantizer, make_act_quantizer, make_weight_quantizer
+from qrobust.quant.spec import ACT_SCHEMES, FLOAT_BITS, STE_VARIANTS, WEIGHT_SCHEMES, check_choice
+
+__all__ = ["ACT_KINDS", "QuantAct", "QuantConv2d", "QuantLinear"]
+
+ACT_KINDS = ("relu", "relu6")
+_RELU6_MAX = 6.0
+
+
+class _QuantWeightMixin:
+    """Shared by QuantConv2d and QuantLinear: owns ``weight_quant`` and the ``quant_enabled`` flag."""
+
+    weight: nn.Parameter
+    weight_quant: Quantizer | None
+
+    def _configure(self, weight_bits: int, weight_scheme: str, ste: str) -> None:
+        self.weight_scheme = check_choice(weight_scheme, WEIGHT_SCHEMES, name="weight_scheme")
+        self.ste = check_choice(ste, STE_VARIANTS, name="ste")
+        quantizer = make_weight_quantizer(self.weight_scheme, weight_bits, ste=self.ste, weight=self.weight)
+        self.weight_bits = int(weight_bits)
+        self.register_module("weight_quant", quantizer)  # type: ignore[attr-defined]
+        self.quant_enabled = True
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight this layer computes with: fake-quantized, or the float weight when disabled/32-bit."""
+        if self.weight_quant is None or not self.quant_enabled:
+            return self.weight
+        return self.weight_quant(self.weight)
+
+    def reset_quantizer(self) -> None:
+        """Re-initialise data-dependent quantizer state (LSQ's step) from the current float weight."""
+        if self.weight_quant is not None:
+            self.weight_quant.init_from(self.weight)
+
+    def _quant_repr(self) -> str:
+        scheme = "float" if self.weight_quant is None else self.weight_quant.scheme
+        return f", weight_bits={self.weight_bits}, weight_scheme={scheme}"
+
+
+class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose weight is fake-quantized on every forward.
+
+    >>> conv = QuantConv2d(1, 1, 1, bias=False, weight_bits=2, weight_scheme="uniform")
+    >>> with torch.no_grad():
+    ...     _ = conv.weight.fill_(0.7)
+    >>> conv(torch.ones(1, 1, 1, 2))
+    tensor([[[[0.7000, 0.7000]]]], grad_fn=<ConvolutionBackward0>)
+    >>> sorted(conv.state_dict())
+    ['weight']
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        weight_bits: int = 4,
+        weight_scheme: str = "dorefa",
+        ste: str = "identity",
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        self._configure(weight_bits, weight_scheme, ste)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+    @classmethod
+    def from_float(
+        cls, conv: nn.Conv2d, *, weight_bits: int, weight_scheme: str = "dorefa", ste: str = "identity"
+    ) -> QuantConv2d:
+        """A QuantConv2d with the same configuration that *shares* ``conv``'s weight and bias parameters."""
+        q = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype,
+            weight_bits=FLOAT_BITS, weight_scheme=weight_scheme, ste=ste,
+        )  # fmt: skip
+        q.weight = conv.weight
+        q.bias = conv.bias
+        q._configure(weight_bits, weight_scheme, ste)
+        q.train(conv.training)
+        return q
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._quant_repr()
+
+
+class QuantLinear(_QuantWeightMixin, nn.Linear):
+    """``nn.Linear`` whose weight is fake-quantized on every forward.
+
+    >>> lin = QuantLinear(2, 1, weight_bits=1)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight.copy_(torch.tensor([[0.5, -0.25]])); _ = lin.bias.zero_()
+    >>> lin.quantized_weight()
+    tensor([[ 0.3750, -0.3750]], grad_fn=<MulBackward0>)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        weight_bits: int = 4,
+        weight_scheme: str = "dorefa",
+        ste: str = "identity",
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._configure(weight_bits, weight_scheme, ste)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, *, weight_bits: int, weight_scheme: str = "dorefa", ste: str = "identity"
+    ) -> QuantLinear:
+        """A QuantLinear that *shares* ``linear``'s weight and bias parameters."""
+        q = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+            dtype=linear.weight.dtype, weight_bits=FLOAT_BITS, weight_scheme=weight_scheme, ste=ste,
+        )  # fmt: skip
+        q.weight = linear.weight
+        q.bias = linear.bias
+        q._configure(weight_bits, weight_scheme, ste)
+        q.train(linear.training)
+        return q
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._quant_repr()
+
+
+class QuantAct(nn.Module):
+    """A ReLU/ReLU6 replaced by a quantized activation (``act_quant``), or itself at 32 bits.
+
+    ``clip`` is α of the "clip" scheme (the initial α of "pact"); for ``kind="relu6"`` it is capped at 6 so
+    the quantized range never exceeds ReLU6's. With quantization disabled (or 32 bits) the layer is
+    exactly ``relu``/``relu6`` again.
+
+    >>> act = QuantAct(2, clip=3.0)
+    >>> act(torch.tensor([-1.0, 0.4, 1.2, 9.0]))
+    tensor([0., 0., 1., 3.])
+    >>> act.quant_enabled = False
+    >>> act(torch.tensor([-1.0, 0.4, 1.2, 9.0]))
+    tensor([0.0000, 0.4000, 1.2000, 9.0000])
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        *,
+        scheme: str = "clip",
+        clip: float = 6.0,
+        ste: str = "identity",
+        kind: str = "relu",
+        inplace: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        self.kind = check_choice(kind, ACT_KINDS, name="QuantAct kind")
+        self.scheme = check_choice(scheme, ACT_SCHEMES, name="act_scheme")
+        self.ste = check_choice(ste, STE_VARIANTS, name="ste")
+        clip = float(clip)
+        if self.kind == "relu6":
+            clip = min(clip, _RELU6_MAX)
+        quantizer = make_act_quantizer(self.scheme, bits, clip=clip, ste=self.ste, device=device, dtype=dtype)
+        self.bits = int(bits)
+        self.clip = clip
+        self.inplace = bool(inplace)
+        self.register_module("act_quant", quantizer)
+        self.quant_enabled = True
+
+    @classmethod
+    def from_float(
+        cls,
+        act: nn.Module,
+        *,
+        bits: int,
+        scheme: str = "clip",
+        clip: float = 6.0,
+        ste: str = "identity",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> QuantAct:
+        """The QuantAct replacing ``act`` (an ``nn.ReLU`` or ``nn.ReLU6``)."""
+        if type(act) is nn.ReLU:
+            kind = "relu"
+        elif type(act) is nn.ReLU6:
+            kind = "relu6"
+        else:
+            raise ConfigError(f"QuantAct replaces nn.ReLU or nn.ReLU6 modules, got {type(act).__name__}")
+        q = cls(
+            bits,
+            scheme=scheme,
+            clip=clip,
+            ste=ste,
+            kind=kind,
+            inplace=act.inplace,
+            device=device,
+            dtype=dtype,
+        )
+        q.train(act.training)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.act_quant
+        if q is None or not self.quant_enabled or not q.quant_enabled:
+            return (
+                F.relu6(x, inplace=self.inplace) if self.kind == "relu6" else F.relu(x, inplace=self.inplace)
+            )
+        return q(x)
+
+    def extra_repr(self) -> str:
+        scheme = "float" if self.act_quant is None else self.act_quant.scheme
+        return f"bits={self.bits}, scheme={scheme}, clip={self.clip:g}, kind={self.kind}"
