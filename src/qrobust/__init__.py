@@ -1,7 +1,40 @@
-"""qrobust: build and verify adversarially robust quantized neural networks."""
+"""qrobust: build and verify adversarially robust quantized neural networks.
+
+The public API on one screen::
+
+    load_dataset(name, split)            data      → ArrayDataset of [0, 1] pixels
+    build_model(name, ...)               models    → nn.Module with normalization as its first layer
+    quantize(model, "w4a4")              quant     → QAT model (straight-through estimators)
+    fit(model, data, objective=...)      training  → trained model, run folder, metrics.jsonl
+    save(model, path) / load(path)       checkpoint→ safetensors + JSON metadata, never pickle
+    PGD(model, eps=...)(x, y)            attacks   → adversarial examples (ste/native/surrogate gradients)
+"""
 
 from qrobust.errors import CheckpointError, ConfigError, DataError, InputError, QrobustError
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "InputError", "QrobustError", "__version__"]
+from qrobust.checkpoint import load, save  # noqa: E402
+from qrobust.data import load_dataset  # noqa: E402
+from qrobust.models import build_model  # noqa: E402
+from qrobust.quant import QuantSpec, describe, quantize  # noqa: E402
+from qrobust.training import FitConfig, accuracy, fit  # noqa: E402
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FitConfig",
+    "InputError",
+    "QrobustError",
+    "QuantSpec",
+    "__version__",
+    "accuracy",
+    "build_model",
+    "describe",
+    "fit",
+    "load",
+    "load_dataset",
+    "quantize",
+    "save",
+]

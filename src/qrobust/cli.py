@@ -1,0 +1,275 @@
+"""The ``qrobust`` command: a thin shell over the library's public functions.
+
+Usage errors exit 2 with one line on stderr; a missing or corrupt dataset/checkpoint exits 1 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from qrobust.errors import ConfigError, QrobustError
+
+log = logging.getLogger("qrobust")
+
+DEFAULT_MODEL = {
+    "digits": "digits_cnn",
+    "mnist": "small_cnn",
+    "fashion-mnist": "small_cnn",
+    "cifar10": "resnet20",
+    "svhn": "resnet20",
+    "imagefolder": "resnet20",
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the whole usage otherwise)
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def parse_bits(text: str) -> str:
+    """``"4"`` → ``"w4a4"``; ``"w4a4"``/``"w1a32"``/``"32"`` pass through (validated by QuantSpec)."""
+    t = text.strip().lower()
+    if t.isdigit():
+        return f"w{t}a{t}"
+    return t
+
+
+def load_data(args: argparse.Namespace, split: str):
+    from qrobust.data import load_dataset
+
+    ds = load_dataset(
+        args.dataset,
+        split,
+        root=args.data_dir,
+        download=getattr(args, "download", False),
+        cache_dir=getattr(args, "cache_dir", None),
+    )
+    n = getattr(args, f"n_{split}", None)
+    if n is not None and n < len(ds):
+        ds = ds.subset(n, seed=getattr(args, "seed", 0))
+    return ds
+
+
+def build_for_data(args: argparse.Namespace, train_ds) -> Any:
+    """The model the run asks for: from ``--init`` (fine-tuning) or built fresh for the dataset."""
+    from qrobust import checkpoint
+    from qrobust.models import build_model
+    from qrobust.quant import QuantSpec, quantize
+
+    spec = QuantSpec.parse(parse_bits(args.bits)) if args.bits else None
+    if spec is not None:
+        spec = spec.with_options(
+            **{
+                k: v
+                for k, v in {
+                    "weight_scheme": args.weight_scheme,
+                    "act_scheme": args.act_scheme,
+                    "first_layer_bits": args.first_last_bits,
+                    "last_layer_bits": args.first_last_bits,
+                }.items()
+                if v is not None
+            }
+        )
+    if args.init:
+        model = checkpoint.load(args.init).train()
+        if spec is not None and getattr(model, "qrobust_spec", None):
+            raise ConfigError(f"--init {args.init} is already quantized; fine-tune from a float checkpoint")
+    else:
+        info = train_ds.info
+        model = build_model(
+            args.model or DEFAULT_MODEL[args.dataset],
+            num_classes=info.num_classes,
+            in_channels=info.input_shape[0],
+            input_size=info.input_shape[1],
+            activation=args.activation,
+            mean=list(info.mean),
+            std=list(info.std),
+        )
+    if spec is not None and not spec.is_float:
+        model = quantize(model, spec, inplace=True)
+    return model
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, default: str | None = "digits") -> None:
+    from qrobust.data import available_datasets
+
+    p.add_argument(
+        "--dataset", default=default, choices=available_datasets(), help="dataset name (default: %(default)s)"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where the dataset lives (default: search $QROBUST_DATA, ./data, ../shared/data)",
+    )
+    p.add_argument("--download", action="store_true", help="download mnist/fashion-mnist/cifar10/svhn if missing")
+    p.add_argument(
+        "--cache-dir", default=None, help="decoded-array cache (default: $QROBUST_CACHE or ~/.cache/qrobust)"
+    )
+
+
+# ------------------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from qrobust.training import FitConfig, fit
+
+    train_ds = load_data(args, "train")
+    test_ds = load_data(args, "test")
+    model = build_for_data(args, train_ds)
+    options = {}
+    if args.objective_options:
+        try:
+            options = json.loads(args.objective_options)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--objective-options must be JSON, e.g. '{{\"label_smoothing\": 0.1}}': {e}") from e
+    from qrobust.defenses import make_objective
+
+    objective = make_objective(args.objective, **options)
+    cfg = FitConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        seed=args.seed,
+        bf16=args.bf16,
+        channels_last=args.channels_last,
+        max_batches=args.max_batches,
+        augment=False if args.no_augment else None,
+        warmup_epochs=args.warmup_epochs,
+    )
+    out = Path(args.out or f"runs/{args.dataset}-{model.qrobust_arch['name']}-{args.bits or 'float'}")
+    result = fit(
+        model,
+        train_ds,
+        test=test_ds,
+        objective=objective,
+        config=cfg,
+        out=out,
+        resume=args.resume,
+        metadata={"dataset": args.dataset, "init": args.init, "n_train": len(train_ds)},
+    )
+    last = result.history[-1] if result.history else {}
+    print(f"trained {out}: test accuracy {last.get('test_acc', float('nan')):.4f} after {last.get('epoch', 0)} epochs")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from qrobust import checkpoint
+    from qrobust.quant import describe, format_description
+
+    model = checkpoint.load(args.checkpoint)
+    meta = model.qrobust_meta
+    print(f"{args.checkpoint}: {meta['arch']['name']}  spec={meta.get('spec') and meta['spec'].get('name')}")
+    user = meta.get("metadata", {})
+    for key in ("dataset", "n_train"):
+        if key in user:
+            print(f"  {key}: {user[key]}")
+    hist = user.get("history") or []
+    if hist and "test_acc" in hist[-1]:
+        print(f"  test accuracy: {hist[-1]['test_acc']:.4f} (epoch {hist[-1]['epoch']})")
+    print(format_description(describe(model)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qrobust.studies.demo import run_demo
+
+    run_demo(out=Path(args.out), quick=args.quick, seed=args.seed)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parser
+def make_parser() -> argparse.ArgumentParser:
+    import qrobust
+
+    p = _Parser(prog="qrobust", description="Build and verify adversarially robust quantized neural networks.")
+    p.add_argument("--version", action="version", version=f"qrobust {qrobust.__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="the main job on the embedded digits data: float vs quantized under attack")
+    d.add_argument("--out", default="qrobust-demo", help="report folder (default: %(default)s)")
+    d.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train or fine-tune a (quantized) model")
+    _add_data_args(t)
+    t.add_argument(
+        "--model", default=None, help="architecture (default: per dataset, e.g. digits_cnn, small_cnn, resnet20)"
+    )
+    t.add_argument("--activation", default="relu", choices=["relu", "relu6"])
+    t.add_argument("--bits", default=None, help="quantization, e.g. w4a4, w1a32, 4 (= w4a4); default float")
+    t.add_argument("--weight-scheme", default=None, help="dorefa|uniform|uniform_per_channel|lsq|binary")
+    t.add_argument("--act-scheme", default=None, help="clip|pact")
+    t.add_argument("--first-last-bits", type=int, default=None, help="bits of the first and last layer (e.g. 8 or 32)")
+    t.add_argument("--objective", default="ce", help="training objective (default: ce)")
+    t.add_argument("--objective-options", default=None, help="JSON options of the objective")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle", "step", "constant"])
+    t.add_argument("--warmup-epochs", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    t.add_argument("--channels-last", action="store_true")
+    t.add_argument("--no-augment", action="store_true", help="disable the dataset's standard augmentation")
+    t.add_argument("--n-train", type=int, default=None, help="train on a random subset of this size")
+    t.add_argument("--n-test", type=int, default=None, help="evaluate on a random subset of this size")
+    t.add_argument("--max-batches", type=int, default=None, help="at most this many batches per epoch")
+    t.add_argument("--init", default=None, help="start from this float checkpoint (quantization-aware fine-tuning)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    t.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-BITS)")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("describe", help="per-layer quantization table of a checkpoint")
+    s.add_argument("checkpoint", help="checkpoint file or run folder")
+    s.set_defaults(func=cmd_describe)
+    return p
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"qrobust: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except QrobustError as e:
+        print(f"qrobust: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qrobust: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

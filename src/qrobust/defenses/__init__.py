@@ -1,0 +1,13 @@
+"""How models are made robust: training objectives and model-level tools."""
+
+from qrobust.defenses.objectives import (
+    OBJECTIVES,
+    CrossEntropy,
+    Objective,
+    Sum,
+    make_objective,
+    register_objective,
+    split_output,
+)
+
+__all__ = ["OBJECTIVES", "CrossEntropy", "Objective", "Sum", "make_objective", "register_objective", "split_output"]

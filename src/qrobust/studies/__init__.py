@@ -1,0 +1,1 @@
+"""The papers' experiments as functions over the flow data → model → quantize → fit → evaluate."""

@@ -1,0 +1,477 @@
+"""One training loop for every recipe: objectives plug in, runs resume after a kill, DDP when launched so.
+
+``fit(model, train, objective=...)`` knows only ``objective(model, x, y) -> loss`` (or ``(loss, logits)``).
+Natural training, the Defensive-Quantization penalty, adversarial training and ODG-Q are all objectives.
+
+A run folder (``out=``) holds::
+
+    config.json                  what was run (fit settings, architecture, quantization, dataset …)
+    metrics.jsonl                one JSON line per finished epoch
+    checkpoints/epoch_NNN.safetensors   weights + optimizer + RNG state, written atomically every epoch
+    final.safetensors            the trained weights (what ``qrobust.load(out)`` returns)
+
+``resume=True`` continues from the newest readable epoch checkpoint and ends with the same number of
+epochs and a complete ``metrics.jsonl`` as an uninterrupted run.
+
+Under ``torchrun --nproc_per_node=N`` the same call trains with DistributedDataParallel (gloo on CPU,
+nccl on GPU); only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qrobust import checkpoint as ckpt
+from qrobust.defenses.objectives import make_objective, split_output
+from qrobust.errors import CheckpointError, ConfigError
+from qrobust.utils import model_device, progress, seed_everything
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "step", "constant")
+
+
+@dataclass
+class FitConfig:
+    """Settings of one training run (all JSON-serialisable; recorded in ``config.json``)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of the run
+    gamma: float = 0.1
+    seed: int = 0
+    augment: bool | None = None  # None: the dataset's standard augmentation if it has one
+    bf16: bool = False
+    channels_last: bool = False
+    grad_clip: float | None = None
+    max_batches: int | None = None  # per epoch; for smoke tests and budgeted benchmarks
+    keep_checkpoints: int | None = None  # keep the newest N epoch checkpoints (None: all)
+    eval_batch_size: int = 512
+
+    def validate(self) -> FitConfig:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be ≥ 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be ≥ 0, got {self.weight_decay}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ConfigError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    out: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------- schedule
+def lr_at(cfg: FitConfig, progress_frac: float) -> float:
+    """Learning rate at a point of the run (0 = first step, 1 = end), warmup included."""
+    t = min(max(progress_frac, 0.0), 1.0)
+    warm = cfg.warmup_epochs / cfg.epochs
+    if cfg.schedule == "onecycle":
+        peak = warm if warm > 0 else 0.3
+        if t < peak:
+            return cfg.lr * (0.04 + 0.96 * t / peak)
+        return cfg.lr * max(0.0, (1.0 - t) / (1.0 - peak))
+    if warm > 0 and t < warm:
+        return cfg.lr * (t / warm)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        u = (t - warm) / (1.0 - warm) if warm < 1 else 1.0
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * u))
+    # step
+    return cfg.lr * cfg.gamma ** sum(t >= m for m in cfg.milestones)
+
+
+def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW; no weight decay on biases, norms and quantizer scalars."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+# ------------------------------------------------------------------------------------------- data
+class TensorBatches:
+    """Batches of an in-memory ``(x, y)`` pair, reshuffled per epoch from a seed; DDP-sharded."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.y)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        per = n // self.world_size
+        return idx[self.rank * per : (self.rank + 1) * per] if self.world_size > 1 else idx
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) // self.world_size / self.batch_size)
+
+    def __iter__(self):
+        idx = self._indices()
+        for i in range(0, len(idx), self.batch_size):
+            j = idx[i : i + self.batch_size]
+            yield self.x[j], self.y[j]
+
+
+def as_batches(
+    data: Any, batch_size: int, *, shuffle: bool, augment: bool | None, seed: int, rank: int = 0, world_size: int = 1
+) -> Iterable:
+    """Anything qrobust trains or evaluates on — an ArrayDataset, a DataLoader/BatchLoader, an (x, y) pair —
+    as an iterable of ``(x, y)`` batches."""
+    from qrobust.data import ArrayDataset, BatchLoader
+
+    if isinstance(data, ArrayDataset):
+        if augment is None:
+            augment = shuffle  # the dataset's standard augmentation (crop+flip for 32×32 RGB, none for digits)
+        return BatchLoader(
+            data, batch_size, shuffle=shuffle, augment=augment, seed=seed, rank=rank, world_size=world_size
+        )
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if len(x) != len(y):
+            raise ConfigError(f"x and y have different lengths: {len(x)} vs {len(y)}")
+        return TensorBatches(x, y, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    if isinstance(data, Iterable):
+        return data
+    raise ConfigError(
+        f"cannot train or evaluate on a {type(data).__name__}: give an ArrayDataset, a DataLoader "
+        "or an (x, y) pair of tensors"
+    )
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Any, *, batch_size: int = 512, max_batches: int | None = None) -> float:
+    """Clean top-1 accuracy of ``model`` (put in eval mode, restored afterwards) on ``data``."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    correct = total = 0
+    try:
+        for i, (x, y) in enumerate(as_batches(data, batch_size, shuffle=False, augment=False, seed=0)):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = x.to(device), y.to(device)
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    finally:
+        model.train(was_training)
+    return correct / max(total, 1)
+
+
+# ------------------------------------------------------------------------------------------- state
+def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, state_meta = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"__optim__/{pid}/{k}"] = v
+            else:
+                state_meta.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "state": state_meta}
+
+
+def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("__optim__/"):
+            _, pid, key = k.split("/", 2)
+            state.setdefault(int(pid), {})[key] = v
+    for pid, st in meta.get("state", {}).items():
+        state.setdefault(int(pid), {}).update(st)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _epoch_path(out: Path, epoch: int) -> Path:
+    return out / "checkpoints" / f"epoch_{epoch:03d}.safetensors"
+
+
+def _save_epoch(
+    out: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list, run_meta: dict, keep: int | None
+) -> None:
+    tensors = dict(model.state_dict())
+    opt_tensors, opt_meta = _optimizer_to_tensors(opt)
+    tensors.update(opt_tensors)
+    tensors["__rng__/torch"] = torch.get_rng_state()
+    meta = {
+        "arch": getattr(model, "qrobust_arch", None),
+        "spec": getattr(model, "qrobust_spec", None),
+        "metadata": {**run_meta, "epoch": epoch},
+        "training_state": {"epoch": epoch, "history": history, "optimizer": opt_meta},
+    }
+    ckpt.save_tensors(_epoch_path(out, epoch), tensors, meta)
+    if keep:
+        for old in sorted((out / "checkpoints").glob("epoch_*.safetensors"))[:-keep]:
+            old.unlink(missing_ok=True)
+
+
+def _latest_state(out: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The newest readable epoch checkpoint of a run folder (a corrupt newest one falls back to the one before)."""
+    for p in sorted((out / "checkpoints").glob("epoch_*.safetensors"), reverse=True):
+        try:
+            return ckpt.read_tensors(p)
+        except CheckpointError as e:
+            log.warning("skipping unreadable checkpoint %s: %s", p, e)
+    return None
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    ckpt.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+# ------------------------------------------------------------------------------------------- DDP
+def _dist_setup() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], world: int, device: torch.device) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ------------------------------------------------------------------------------------------- fit
+def fit(
+    model: nn.Module,
+    train: Any,
+    *,
+    test: Any = None,
+    objective: Any = "ce",
+    config: FitConfig | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    metadata: dict[str, Any] | None = None,
+    callbacks: list[Callable[[dict, nn.Module], Any]] | None = None,
+    **overrides: Any,
+) -> FitResult:
+    """Train ``model`` on ``train`` with ``objective``; returns the trained model and the per-epoch history.
+
+    ``config`` (or keyword overrides of :class:`FitConfig` fields) sets the optimisation; ``out`` is the run
+    folder (checkpoints every epoch, ``metrics.jsonl``, ``final.safetensors``); ``resume`` continues there.
+    A callback ``cb(record, model)`` runs after each epoch on rank 0 and may add keys to ``record`` or
+    return ``"stop"`` to end training early.
+    """
+    cfg = dataclasses.replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
+    cfg.validate()
+    obj = make_objective(objective)
+    rank, world = _dist_setup()
+    device = (
+        torch.device(device)
+        if device is not None
+        else (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    )
+    out_path = Path(out) if out is not None else None
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    seed_everything(cfg.seed)
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+
+    if out_path is not None:
+        existing = list((out_path / "checkpoints").glob("epoch_*.safetensors")) if out_path.exists() else []
+        if existing and not resume:
+            raise ConfigError(
+                f"{out_path} already holds a run ({len(existing)} epoch checkpoints): pass "
+                "resume=True (--resume) to continue it, or choose another output folder"
+            )
+        if resume:
+            state = _latest_state(out_path) if existing else None
+            if state is None:
+                log.warning("nothing to resume in %s: starting from scratch", out_path)
+            else:
+                tensors, meta = state
+                ts = meta["training_state"]
+                ckpt.load_state_into(
+                    model, {k: v for k, v in tensors.items() if not k.startswith("__")}, source="resume checkpoint"
+                )
+                _optimizer_from_tensors(opt, tensors, ts["optimizer"])
+                torch.set_rng_state(tensors["__rng__/torch"])
+                start_epoch, history = ts["epoch"], ts["history"]
+                log.info("resuming %s after epoch %d", out_path, start_epoch)
+                if rank == 0:
+                    _write_metrics(out_path, history)
+
+    run_meta = {
+        "fit": cfg.to_dict(),
+        "objective": obj.config() if hasattr(obj, "config") else {"name": getattr(obj, "name", type(obj).__name__)},
+        **(metadata or {}),
+    }
+    if out_path is not None and rank == 0:
+        ckpt.atomic_write_text(
+            out_path / "config.json",
+            json.dumps(
+                {
+                    **run_meta,
+                    "arch": getattr(model, "qrobust_arch", None),
+                    "spec": getattr(model, "qrobust_spec", None),
+                },
+                indent=2,
+                default=str,
+            ),
+        )
+
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    batches = as_batches(
+        train, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, rank=rank, world_size=world
+    )
+    n_batches = len(batches) if hasattr(batches, "__len__") else None
+    if cfg.max_batches is not None and n_batches is not None:
+        n_batches = min(n_batches, cfg.max_batches)
+    total_steps = cfg.epochs * (n_batches or 1)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch)
+        if hasattr(obj, "on_epoch_start"):
+            obj.on_epoch_start(epoch)
+        net.train()
+        t0 = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        it = progress(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", total=n_batches)
+        for i, (x, y) in enumerate(it):
+            if cfg.max_batches is not None and i >= cfg.max_batches:
+                break
+            step = epoch * (n_batches or 1) + i
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step / total_steps)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                loss, logits = split_output(obj(net, x, y))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {i}: "
+                    "lower the learning rate or check the data"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.float().backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
+            if logits is not None:
+                correct += (logits.detach().argmax(1) == y).sum().item()
+        loss_sum, correct, seen = _all_sum([loss_sum, correct, seen], world, device)
+        elapsed = time.perf_counter() - t0
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "lr": opt.param_groups[0]["lr"],
+            "epoch_time_s": elapsed,
+            "images_per_s": seen / elapsed if elapsed > 0 else None,
+        }
+        stop = False
+        if rank == 0:
+            if test is not None:
+                record["test_acc"] = accuracy(model, test, batch_size=cfg.eval_batch_size)
+            for cb in callbacks or []:
+                if cb(record, model) == "stop":
+                    stop = True
+            history.append(record)
+            log.info(
+                "epoch %d/%d  loss %.4f  train %.4f%s  %.1fs",
+                epoch + 1,
+                cfg.epochs,
+                record["train_loss"],
+                record["train_acc"],
+                f"  test {record['test_acc']:.4f}" if "test_acc" in record else "",
+                elapsed,
+            )
+            if out_path is not None:
+                _save_epoch(out_path, model, opt, epoch + 1, history, run_meta, cfg.keep_checkpoints)
+                _write_metrics(out_path, history)
+        if world > 1:
+            flag = torch.tensor([1.0 if stop else 0.0], device=device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            log.warning("training stopped early after epoch %d by a callback", epoch + 1)
+            break
+
+    model.eval()
+    if out_path is not None and rank == 0:
+        ckpt.save(model, out_path / ckpt.FINAL_NAME, **run_meta, history=history)
+    return FitResult(model=model, history=history, out=out_path)

@@ -1,0 +1,140 @@
+"""Checkpoints: round trips, run folders, and every way a file can be bad → CheckpointError."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import qrobust
+from qrobust import checkpoint
+from qrobust.errors import CheckpointError
+from qrobust.models import build_model
+from qrobust.quant import quantize
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model("digits_cnn", in_channels=1, input_size=8, num_classes=10)
+
+
+def test_roundtrip_float_is_exact_and_in_eval_mode(tmp_path):
+    m = _model()
+    path = checkpoint.save(m, tmp_path / "m.safetensors", dataset="digits", note={"a": [1, 2]})
+    m2 = qrobust.load(path)
+    assert not m2.training
+    x = torch.rand(5, 1, 8, 8)
+    m.eval()
+    assert torch.equal(m(x), m2(x))
+    assert m2.qrobust_meta["metadata"] == {"dataset": "digits", "note": {"a": [1, 2]}}
+    assert m2.qrobust_meta["torch_version"] == torch.__version__
+
+
+def test_roundtrip_quantized_rebuilds_the_quantizers(tmp_path):
+    q = quantize(_model(), "w4a4").eval()
+    checkpoint.save(q, tmp_path / "q.safetensors")
+    q2 = qrobust.load(tmp_path / "q.safetensors")
+    assert q2.qrobust_spec == q.qrobust_spec
+    x = torch.rand(5, 1, 8, 8)
+    assert torch.equal(q(x), q2(x))
+
+
+def test_load_accepts_a_run_folder(tmp_path):
+    m = _model()
+    checkpoint.save(m, tmp_path / "run" / checkpoint.FINAL_NAME)
+    assert isinstance(qrobust.load(tmp_path / "run"), torch.nn.Module)
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        qrobust.load(tmp_path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        qrobust.load(tmp_path / "nope.safetensors")
+
+
+def test_truncated_file(tmp_path):
+    p = checkpoint.save(_model(), tmp_path / "m.safetensors")
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        qrobust.load(p)
+
+
+def test_flipped_weight_byte_is_caught_by_the_digest(tmp_path):
+    p = checkpoint.save(_model(), tmp_path / "m.safetensors")
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's bytes
+    p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        qrobust.load(p)
+
+
+def test_pickle_file_is_refused_not_unpickled(tmp_path):
+    p = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2)}, p)
+    with pytest.raises(CheckpointError):
+        qrobust.load(p)
+
+
+def test_plain_safetensors_without_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(CheckpointError, match="not a qrobust checkpoint"):
+        qrobust.load(tmp_path / "x.safetensors")
+
+
+def test_mismatched_architecture(tmp_path):
+    p = checkpoint.save(_model(), tmp_path / "m.safetensors")
+    tensors, meta = checkpoint.read_tensors(p)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "qrobust_version", "torch_version", "sha256")}
+    meta["arch"] = {"name": "digits_cnn", "kwargs": {**meta["arch"]["kwargs"], "num_classes": 7}}
+    checkpoint.save_tensors(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(CheckpointError, match="does not match"):
+        qrobust.load(tmp_path / "bad.safetensors")
+
+
+def test_unknown_architecture(tmp_path):
+    p = checkpoint.save(_model(), tmp_path / "m.safetensors")
+    tensors, meta = checkpoint.read_tensors(p)
+    checkpoint.save_tensors(tmp_path / "bad.safetensors", tensors, {"arch": {"name": "nonet", "kwargs": {}}})
+    with pytest.raises(CheckpointError, match="cannot rebuild"):
+        qrobust.load(tmp_path / "bad.safetensors")
+
+
+def test_model_without_arch_cannot_be_saved(tmp_path):
+    with pytest.raises(CheckpointError, match="build_model"):
+        checkpoint.save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    p = checkpoint.save(_model(), tmp_path / "m.safetensors")
+    before = p.read_bytes()
+
+    import safetensors.torch as st
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", broken)
+    with pytest.raises(OSError):
+        checkpoint.save(_model(), p)
+    assert p.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+def test_metadata_must_be_json(tmp_path):
+    with pytest.raises(CheckpointError, match="JSON"):
+        checkpoint.save(_model(), tmp_path / "m.safetensors", bad=object())
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_read_metadata_is_plain_json(tmp_path):
+    p = checkpoint.save(_model(), tmp_path / "m.safetensors", dataset="digits")
+    meta = checkpoint.read_metadata(p)
+    json.dumps(meta)
+    assert meta["arch"]["name"] == "digits_cnn"

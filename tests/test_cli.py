@@ -1,0 +1,89 @@
+"""The `qrobust` command: usage errors are one line with exit 2; the demo and train/describe work end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qrobust.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--dataset", "nonesuch"], "invalid choice"),
+        (["train", "--epochs", "many"], "invalid int value"),
+        (["frobnicate"], "invalid choice"),
+        (["describe"], "required"),
+        (["train", "--bits", "w9a4", "--epochs", "1"], "bits"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(capsys, argv, needle):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert needle in err
+
+
+def test_missing_checkpoint_is_one_line_exit_1(capsys, tmp_path):
+    code, _, err = _run(capsys, "describe", str(tmp_path / "none.safetensors"))
+    assert code == 1
+    assert err.strip().count("\n") == 0 and "not found" in err
+
+
+def test_missing_dataset_is_one_line_exit_1(capsys, tmp_path):
+    code, _, err = _run(capsys, "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--epochs", "1")
+    assert code == 1
+    assert err.strip().count("\n") == 0 and "mnist" in err.lower()
+
+
+def test_train_then_finetune_then_describe(capsys, tmp_path):
+    code, out, _ = _run(
+        capsys, "train", "--dataset", "digits", "--epochs", "3", "--batch-size", "64", "--out", str(tmp_path / "float")
+    )
+    assert code == 0 and "test accuracy" in out
+    code, out, _ = _run(
+        capsys,
+        "train",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--bits",
+        "w4a4",
+        "--lr",
+        "0.01",
+        "--init",
+        str(tmp_path / "float"),
+        "--out",
+        str(tmp_path / "w4a4"),
+    )
+    assert code == 0
+    acc = float(out.split("test accuracy")[1].split()[0])
+    assert acc > 0.8  # fine-tuned from the float model, not from scratch
+    code, out, _ = _run(capsys, "describe", str(tmp_path / "w4a4"))
+    assert code == 0
+    assert "w4a4" in out and "digits_cnn" in out
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_a_report(capsys, tmp_path):
+    code, out, _ = _run(capsys, "demo", "--quick", "--out", str(tmp_path / "demo"))
+    assert code == 0
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    rows = {r["model"]: r for r in res["rows"]}
+    assert set(rows) == {"float", "w4a4"}
+    for r in rows.values():
+        assert r["clean"] > 0.8
+        pgd = [r["pgd"][str(e)] if str(e) in r["pgd"] else r["pgd"][e] for e in res["eps"]]
+        assert all(a >= b - 1e-9 for a, b in zip(pgd, pgd[1:])), "robust accuracy must fall as ε grows"
+        assert pgd[-1] < r["clean"]
+    assert (tmp_path / "demo" / "report.md").read_text().startswith("# qrobust demo")
+    assert (tmp_path / "demo" / "robustness.png").stat().st_size > 1000
