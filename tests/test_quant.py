@@ -590,3 +590,29 @@ def test_every_quantizer_class_has_a_doctest():
     classes += [qz.BinaryWeightQuantizer, qz.ClipActQuantizer, qz.PACTActQuantizer, qz.SignActQuantizer]
     for cls in classes:
         assert ">>>" in (cls.__doc__ or ""), cls.__name__
+
+
+def test_bpda_mode_backpropagates_like_the_float_activation():
+    """Attack-time "ste" is BPDA: above the clip level α a ReLU-kind QuantAct passes gradient 1 (ReLU's),
+    where the training estimator passes 0 and native autograd passes 0 everywhere."""
+    from qrobust.quant import QuantAct, attack_mode, gradient_mode
+
+    act = QuantAct(2, clip=1.0, kind="relu")
+    x = torch.tensor([-0.5, 0.2, 0.6, 3.0], requires_grad=True)
+    grads = {}
+    for mode in ("ste", "native", "bpda"):
+        x.grad = None
+        with gradient_mode(mode):
+            out = act(x)
+            out.sum().backward()
+        grads[mode] = x.grad.tolist()
+        assert torch.equal(out.detach(), act(x).detach())  # the forward value never changes with the mode
+    assert grads["ste"] == [0.0, 1.0, 1.0, 0.0]
+    assert grads["native"] == [0.0, 0.0, 0.0, 0.0]
+    assert grads["bpda"] == [0.0, 1.0, 1.0, 1.0]
+    assert attack_mode("ste") == "bpda" and attack_mode("native") == "native"
+    six = QuantAct(2, kind="relu6")
+    x6 = torch.tensor([3.0, 7.0], requires_grad=True)
+    with gradient_mode("bpda"):
+        six(x6).sum().backward()
+    assert x6.grad.tolist() == [1.0, 0.0]  # ReLU6's own saturation is part of the float model: kept

@@ -184,7 +184,7 @@ def as_batches(
 
     if isinstance(data, ArrayDataset):
         if augment is None:
-            augment = shuffle  # the dataset's standard augmentation (crop+flip for 32×32 RGB, none for digits)
+            augment = "auto" if shuffle else False  # the standard one: crop+flip for 32×32 RGB, none for digits
         return BatchLoader(
             data, batch_size, shuffle=shuffle, augment=augment, seed=seed, rank=rank, world_size=world_size
         )

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import ConfigError, InputError
-from qrobust.quant.modes import gradient_mode, quant_modules, quantization_disabled
+from qrobust.quant.modes import attack_mode, gradient_mode, quant_modules, quantization_disabled
 
 log = logging.getLogger(__name__)
 
@@ -574,7 +574,7 @@ class Attack(ABC):
     def _gradient_context(self) -> Any:
         if self.gradients == "surrogate":
             return nullcontext()
-        return gradient_mode(self.gradients)
+        return gradient_mode(attack_mode(self.gradients))
 
     def _nets(self) -> list[nn.Module]:
         nets = [self.model]

@@ -41,7 +41,7 @@ class BatchLoader:
         batch_size: int,
         *,
         shuffle: bool = False,
-        augment: bool = False,
+        augment: bool | str = False,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -69,7 +69,7 @@ class BatchLoader:
         self.epoch = 0
         shape = tuple(ds.images.shape[1:])
         self.augment = bool(augment) and shape == (3, 32, 32)
-        if augment and not self.augment:
+        if augment and augment != "auto" and not self.augment:  # "auto": the standard augmentation if any
             log.info(
                 "augment=True ignored for %s: crop+flip applies to 3x32x32 images only, got %s",
                 ds.info.name,

@@ -20,6 +20,7 @@ from qrobust.quant.functional import round_ste, sign_ste
 from qrobust.quant.layers import QuantAct, QuantConv2d, QuantLinear
 from qrobust.quant.modes import (
     GRADIENT_MODES,
+    attack_mode,
     fake_quant_q,
     get_gradient_mode,
     gradient_mode,
@@ -45,6 +46,7 @@ from qrobust.quant.spec import ACT_SCHEMES, STE_VARIANTS, VALID_BITS, WEIGHT_SCH
 __all__ = [
     "ACT_SCHEMES",
     "GRADIENT_MODES",
+    "attack_mode",
     "STE_VARIANTS",
     "VALID_BITS",
     "WEIGHT_SCHEMES",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qrobust.errors import ConfigError
+from qrobust.quant.modes import get_gradient_mode
 from qrobust.quant.quantizers import Quantizer, make_act_quantizer, make_weight_quantizer
 from qrobust.quant.spec import ACT_SCHEMES, FLOAT_BITS, STE_VARIANTS, WEIGHT_SCHEMES, check_choice
 
@@ -242,6 +243,10 @@ class QuantAct(nn.Module):
             return (
                 F.relu6(x, inplace=self.inplace) if self.kind == "relu6" else F.relu(x, inplace=self.inplace)
             )
+        if get_gradient_mode() == "bpda":  # quantized value forward, the float activation's gradient backward
+            # (a sign activation replaced its ReLU by a symmetric one: its BPDA surrogate is the identity)
+            f = x if self.scheme == "sign" else (F.relu6(x) if self.kind == "relu6" else F.relu(x))
+            return f + (q(x) - f).detach()
         return q(x)
 
     def extra_repr(self) -> str:
