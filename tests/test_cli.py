@@ -87,3 +87,42 @@ def test_demo_quick_writes_a_report(capsys, tmp_path):
         assert pgd[-1] < r["clean"]
     assert (tmp_path / "demo" / "report.md").read_text().startswith("# qrobust demo")
     assert (tmp_path / "demo" / "robustness.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "float"
+    assert main(["train", "--dataset", "digits", "--epochs", "4", "--batch-size", "64", "--out", str(out)]) == 0
+    return out
+
+
+def test_eval_writes_a_report_with_eps_on_the_255_scale(capsys, digits_run, tmp_path):
+    code, out, _ = _run(capsys, "eval", str(digits_run), "--suite", "quick", "--eps", "10,25", "--n", "120",
+                        "--out", str(tmp_path / "ev"))
+    assert code == 0, out
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert [round(r["eps"] * 255, 6) for r in rep["results"]] == [10, 25]
+    accs = [r["robust_accuracy"] for r in rep["results"]]
+    assert accs[0] >= accs[1] and accs[1] < rep["clean_acc"]
+    assert rep["dataset"] == "digits"  # taken from the checkpoint's metadata
+    assert "Diagnostics" in (tmp_path / "ev" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv, needle", [(["--eps", "300"], "0–255"), (["--eps", "x"], "numbers"),
+                                          (["--suite", "nonesuch"], "suite")])
+def test_eval_bad_options_are_one_line(capsys, digits_run, argv, needle):
+    code, _, err = _run(capsys, "eval", str(digits_run), "--n", "10", *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_attack_saves_examples_within_eps(capsys, digits_run, tmp_path):
+    from safetensors.torch import load_file
+
+    code, out, _ = _run(capsys, "attack", str(digits_run), "--attack", "pgd", "--eps", "25", "--n", "32",
+                        "--out", str(tmp_path / "atk"))
+    assert code == 0 and "fooled" in out
+    t = load_file(str(next((tmp_path / "atk").glob("*.safetensors"))))
+    keys = sorted(t)
+    x, x_adv = t[[k for k in keys if k in ("x", "clean", "original", "x_clean")][0]], t["x_adv"]
+    assert (x_adv - x).abs().max() <= 25 / 255 + 1e-6
+    assert (tmp_path / "atk" / "adversarial_examples.png").stat().st_size > 1000

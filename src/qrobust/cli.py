@@ -6,6 +6,7 @@ Usage errors exit 2 with one line on stderr; a missing or corrupt dataset/checkp
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -188,6 +189,103 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_eps(text: str, norm: str) -> list[float]:
+    """``--eps``: comma-separated; for L∞ on the 0–255 pixel scale (``8`` → 8/255), for L2 the norm itself
+    in [0, 1]-pixel space (``0.5``)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise UsageError(f"qrobust: --eps must be numbers separated by commas, got {text!r}") from e
+    if not values:
+        raise UsageError("qrobust: --eps needs at least one value")
+    if norm == "Linf":
+        bad = [v for v in values if not 0 <= v <= 255]
+        if bad:
+            raise UsageError(f"qrobust: --eps for L∞ is on the 0–255 pixel scale, got {bad} (e.g. --eps 8 for 8/255)")
+        return [v / 255 for v in values]
+    return values
+
+
+def _eval_data(args: argparse.Namespace, model) -> tuple[Any, str]:
+    """The test split of --dataset (default: the dataset the checkpoint was trained on), first --n samples."""
+    meta = getattr(model, "qrobust_meta", {}).get("metadata", {})
+    args.dataset = args.dataset or meta.get("dataset")
+    if not args.dataset:
+        raise UsageError("qrobust: the checkpoint does not name its dataset: pass --dataset")
+    ds = load_data(args, "test")
+    x, y = ds.tensors(n=args.n)
+    return (x, y), args.dataset
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qrobust import checkpoint
+    from qrobust.evaluation import evaluate
+
+    model = checkpoint.load(args.checkpoint)
+    data, dataset = _eval_data(args, model)
+    parent = checkpoint.load(args.parent) if args.parent else None
+    options = _json_option(args.attack_options, "--attack-options")
+    report = evaluate(model, data, suite=args.suite, eps=parse_eps(args.eps, args.norm), norm=args.norm,
+                      gradients=args.gradients, batch_size=args.batch_size, seed=args.seed, parent=parent,
+                      n_queries=args.n_queries, attack_kwargs=options or None, diagnostics=not args.no_diagnostics,
+                      model_name=str(args.checkpoint), dataset=dataset)
+    out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.suite}")
+    report.save(out)
+    print(report.summary())
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    import torch
+
+    from qrobust import checkpoint
+    from qrobust.attacks import make_attack
+    from qrobust.report import save_adversarial_examples
+
+    model = checkpoint.load(args.checkpoint)
+    (x, y), dataset = _eval_data(args, model)
+    eps = parse_eps(args.eps, args.norm)
+    if len(eps) != 1:
+        raise UsageError("qrobust: attack takes one --eps value")
+    options = {"eps": eps[0], "gradients": args.gradients, "seed": args.seed,
+               **_json_option(args.attack_options, "--attack-options")}
+    if args.norm != "Linf":
+        options["norm"] = args.norm
+    from qrobust.attacks import ATTACKS
+
+    cls = ATTACKS.get(args.attack.lower())
+    if cls is not None and "alpha" in inspect.signature(cls.__init__).parameters and "alpha" not in options:
+        options["alpha"] = eps[0] / 4  # a step that can cross the ε-ball in the default number of steps
+    attack = make_attack(args.attack, model, **options)
+    x_adv = attack(x, y)
+    with torch.no_grad():
+        pred_clean, pred_adv = model(x).argmax(1), model(x_adv).argmax(1)
+    out = Path(args.out or f"{Path(args.checkpoint).with_suffix('').as_posix()}-{args.attack}")
+    meta = {"checkpoint": str(args.checkpoint), "dataset": dataset, "attack": args.attack,
+            "settings": attack.config() if hasattr(attack, "config") else options}
+    paths = save_adversarial_examples(x, x_adv, y, pred_clean, pred_adv, out, metadata=meta)
+    fooled = ((pred_clean == y) & (pred_adv != y)).sum().item()
+    print(f"{args.attack} at eps={args.eps} ({args.norm}): clean {(pred_clean == y).float().mean().item():.4f}, "
+          f"adversarial {(pred_adv == y).float().mean().item():.4f}; fooled {fooled} of {int((pred_clean == y).sum())} "
+          f"correctly classified")
+    for kind, path in paths.items():
+        print(f"  {kind}: {path}")
+    return 0
+
+
+def _json_option(text: str | None, flag: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"qrobust: {flag} must be a JSON object: {e}") from e
+    if not isinstance(value, dict):
+        raise UsageError(f"qrobust: {flag} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 # ------------------------------------------------------------------------------------------- parser
 def make_parser() -> argparse.ArgumentParser:
     import qrobust
@@ -237,6 +335,35 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("describe", help="per-layer quantization table of a checkpoint")
     s.add_argument("checkpoint", help="checkpoint file or run folder")
     s.set_defaults(func=cmd_describe)
+
+    def _attack_target_args(a: argparse.ArgumentParser) -> None:
+        a.add_argument("checkpoint", help="checkpoint file or run folder")
+        _add_data_args(a, default=None)
+        a.add_argument("--n", type=int, default=1000, help="number of test images (default: %(default)s)")
+        a.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+        a.add_argument("--gradients", default="ste", choices=["ste", "native", "surrogate"],
+                       help="gradients through quantizers: ste = straight-through/BPDA (default)")
+        a.add_argument("--seed", type=int, default=0)
+        a.add_argument("--attack-options", default=None, help="JSON, e.g. '{\"steps\": 50}'")
+        a.add_argument("--out", default=None, help="output folder")
+
+    e = sub.add_parser("eval", help="robustness report of a checkpoint (attacks, worst case, diagnostics)")
+    _attack_target_args(e)
+    e.add_argument("--suite", default="standard", help="quick | standard | quantized (default: %(default)s)")
+    e.add_argument("--eps", default="8", help="ε, comma-separated for a sweep; L∞ on the 0–255 scale (8 = 8/255), "
+                   "L2 as the norm of [0, 1] pixels (default: %(default)s)")
+    e.add_argument("--parent", default=None, help="float parent checkpoint (transfer attack in the quantized suite)")
+    e.add_argument("--n-queries", type=int, default=None, help="Square's query budget (default 5000)")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--no-diagnostics", action="store_true", help="skip the gradient-masking checks")
+    e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("attack", help="craft adversarial examples and save them with a PNG grid")
+    _attack_target_args(a)
+    a.set_defaults(n=16)
+    a.add_argument("--attack", default="pgd", help="attack name (fgsm, pgd, apgd-ce, square, cw, …)")
+    a.add_argument("--eps", default="8", help="ε; L∞ on the 0–255 scale (default: %(default)s)")
+    a.set_defaults(func=cmd_attack)
     return p
 
 
