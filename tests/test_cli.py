@@ -126,3 +126,32 @@ def test_attack_saves_examples_within_eps(capsys, digits_run, tmp_path):
     x, x_adv = t[[k for k in keys if k in ("x", "clean", "original", "x_clean")][0]], t["x_adv"]
     assert (x_adv - x).abs().max() <= 25 / 255 + 1e-6
     assert (tmp_path / "atk" / "adversarial_examples.png").stat().st_size > 1000
+
+
+def test_train_dq_objective_and_analyze(capsys, tmp_path):
+    from qrobust import checkpoint
+    from qrobust.defenses import orthogonality_error
+
+    runs = {}
+    for beta in ("0", "0.03"):
+        out = tmp_path / f"dq-{beta}"
+        code, _, err = _run(capsys, "train", "--dataset", "digits", "--epochs", "2", "--objective", "dq", "--beta", beta,
+                            "--activation", "relu6", "--out", str(out))
+        assert code == 0, err
+        runs[beta] = orthogonality_error(checkpoint.load(out))["total"]
+    assert runs["0.03"] < runs["0"]  # --beta reached the penalty
+    code, out, _ = _run(capsys, "analyze", "lipschitz", str(tmp_path / "dq-0.03"))
+    assert code == 0 and "conv1" in out and "Lipschitz bound" in out
+    code, out, _ = _run(capsys, "analyze", "amplification", str(tmp_path / "dq-0.03"), str(tmp_path / "dq-0"),
+                        "--n", "32", "--eps", "8", "--out", str(tmp_path / "amp"))
+    assert code == 0
+    assert (tmp_path / "amp" / "amplification.png").exists()
+
+
+@pytest.mark.slow
+def test_study_dq_quick(capsys, tmp_path):
+    code, out, err = _run(capsys, "study", "dq", "--quick", "--out", str(tmp_path / "dq"))
+    assert code == 0, err
+    res = json.loads((tmp_path / "dq" / "results.json").read_text())
+    assert "claims" in json.dumps(res)
+    assert (tmp_path / "dq" / "report.md").exists()

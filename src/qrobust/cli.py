@@ -133,6 +133,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--objective-options must be JSON, e.g. '{{\"label_smoothing\": 0.1}}': {e}") from e
     from qrobust.defenses import make_objective
 
+    flags = {"beta": args.beta, "base": args.base, "steps": args.train_steps,
+             "eps": None if args.train_eps is None else args.train_eps / 255,
+             "alpha": None if args.train_alpha is None else args.train_alpha / 255}
+    options = {**{k: v for k, v in flags.items() if v is not None}, **options}  # explicit JSON options win
     objective = make_objective(args.objective, **options)
     cfg = FitConfig(
         epochs=args.epochs,
@@ -286,6 +290,65 @@ def _json_option(text: str | None, flag: str) -> dict:
     return value
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from qrobust import checkpoint
+
+    if args.what == "lipschitz":
+        from qrobust.analysis.lipschitz import format_lipschitz_table, lipschitz_table
+
+        model = checkpoint.load(args.checkpoints[0])
+        print(f"{args.checkpoints[0]}: per-layer Lipschitz constants (spectral norms of the layers as operators)")
+        print(format_lipschitz_table(lipschitz_table(model, iters=args.iters)))
+        return 0
+    from qrobust.analysis.amplification import amplification_report
+
+    models = {Path(c).with_suffix("").name if Path(c).is_file() else Path(c).name: checkpoint.load(c)
+              for c in args.checkpoints}
+    first = next(iter(models.values()))
+    (x, y), _ = _eval_data(args, first)
+    out = Path(args.out or "amplification")
+    amplification_report(models, x, y, eps_list=parse_eps(args.eps, "Linf"), out=out, attack=args.attack,
+                         steps=args.steps, bits=args.bits, alpha=args.alpha, seed=args.seed)
+    print(f"amplification: {out / 'amplification.json'}  {out / 'amplification.png'}")
+    return 0
+
+
+def _int_list(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _float_list(text: str | None) -> tuple[float, ...] | None:
+    return None if text is None else tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    try:
+        bits = _int_list(args.bits)
+        eps = None if args.eps is None else parse_eps(args.eps, "Linf")
+    except ValueError as e:
+        raise UsageError(f"qrobust: --bits takes integers separated by commas: {e}") from e
+    args.out = args.out or f"runs/{args.name}-{args.dataset}"
+    common = {"dataset": args.dataset, "model": args.model, "epochs": args.epochs, "out": args.out,
+              "data_dir": args.data_dir, "n_eval": args.n_eval, "quick": args.quick, "seed": args.seed,
+              "resume": args.resume}
+    if args.name == "dq":
+        from qrobust.studies.dq import run_dq_study
+
+        modes = args.quantize_weights.split(",")
+        run_dq_study(**common, bits=bits, betas=_float_list(args.betas), eps=eps,
+                     quantize_weights=modes[0] if len(modes) == 1 else tuple(modes), adversarial=args.adversarial,
+                     init=args.init, full_confirm=args.full_confirm)
+    else:
+        from qrobust.studies.odgq import run_odgq_study
+
+        options = {k: v for k, v in {"bits": bits, "eps": eps[0] if eps else None,
+                                     "recipes": tuple(args.recipes.split(",")) if args.recipes else None,
+                                     "n_train": args.n_train}.items() if v is not None}
+        run_odgq_study(**common, **options)
+    print(f"study report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 def make_parser() -> argparse.ArgumentParser:
     import qrobust
@@ -313,6 +376,11 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--first-last-bits", type=int, default=None, help="bits of the first and last layer (e.g. 8 or 32)")
     t.add_argument("--objective", default="ce", help="training objective (default: ce)")
     t.add_argument("--objective-options", default=None, help="JSON options of the objective")
+    t.add_argument("--beta", type=float, default=None, help="dq: orthogonality-penalty β; trades: TRADES β")
+    t.add_argument("--base", default=None, help="dq: the objective the penalty is added to (ce, pgd-at, trades, …)")
+    t.add_argument("--train-eps", type=float, default=None, help="adversarial objectives: ε on the 0–255 scale")
+    t.add_argument("--train-alpha", type=float, default=None, help="adversarial objectives: step on the 0–255 scale")
+    t.add_argument("--train-steps", type=int, default=None, help="adversarial objectives: attack steps")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
@@ -364,6 +432,43 @@ def make_parser() -> argparse.ArgumentParser:
     a.add_argument("--attack", default="pgd", help="attack name (fgsm, pgd, apgd-ce, square, cw, …)")
     a.add_argument("--eps", default="8", help="ε; L∞ on the 0–255 scale (default: %(default)s)")
     a.set_defaults(func=cmd_attack)
+
+    an = sub.add_parser("analyze", help="look inside models: Lipschitz constants, error amplification")
+    an.add_argument("what", choices=["lipschitz", "amplification"])
+    an.add_argument("checkpoints", nargs="+", help="checkpoint(s); amplification compares several models")
+    _add_data_args(an, default=None)
+    an.add_argument("--iters", type=int, default=50, help="lipschitz: power-iteration steps")
+    an.add_argument("--n", type=int, default=256, help="amplification: test images")
+    an.add_argument("--eps", default="2,4,8", help="amplification: L∞ ε list on the 0–255 scale")
+    an.add_argument("--attack", default="pgd", choices=["pgd", "fgsm"])
+    an.add_argument("--steps", type=int, default=10)
+    an.add_argument("--bits", type=int, default=None, help="bucket grid for float models (default: the model's)")
+    an.add_argument("--alpha", type=float, default=None, help="clip level α of that grid (default 6)")
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--out", default=None)
+    an.set_defaults(func=cmd_analyze)
+
+    st = sub.add_parser("study", help="the papers' experiments: dq (Defensive Quantization), odgq (robust QAT)")
+    st.add_argument("name", choices=["dq", "odgq"])
+    st.add_argument("--dataset", default="digits")
+    st.add_argument("--data-dir", default=None)
+    st.add_argument("--model", default=None)
+    st.add_argument("--bits", default=None, help="bit-widths, e.g. 1,2,4,32 (dq) or 4,1 (odgq)")
+    st.add_argument("--betas", default=None, help="dq: β values, e.g. 3e-4,3e-3,3e-2")
+    st.add_argument("--quantize-weights", default="act-only", help="dq: act-only | both | act-only,both")
+    st.add_argument("--adversarial", action="store_true", help="dq: combine with PGD adversarial training")
+    st.add_argument("--init", default=None, help="dq: float parent checkpoint to fine-tune from")
+    st.add_argument("--full-confirm", action="store_true", help="dq: the quantized suite at full budgets with SPSA")
+    st.add_argument("--recipes", default=None, help="odgq: subset of natural,fgsm-rs,pgd-at,trades,odgq")
+    st.add_argument("--n-train", type=int, default=None, help="odgq: train on a random subset")
+    st.add_argument("--epochs", type=int, default=None)
+    st.add_argument("--eps", default=None, help="L∞ ε on the 0–255 scale (dq: a list)")
+    st.add_argument("--n-eval", type=int, default=None, help="test images evaluated")
+    st.add_argument("--quick", action="store_true", help="a small budget (seconds to a minute)")
+    st.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--out", default=None, help="report folder (default: runs/STUDY-DATASET)")
+    st.set_defaults(func=cmd_study)
     return p
 
 

@@ -29,3 +29,31 @@ __all__ = [
     "input_gradients",
     "not_checked",
 ]
+
+from qrobust.analysis.amplification import (  # noqa: E402
+    amplification,
+    amplification_report,
+    amplification_summary,
+    amplification_sweep,
+    plot_amplification,
+)
+from qrobust.analysis.lipschitz import (  # noqa: E402
+    conv_spectral_norm,
+    format_lipschitz_table,
+    lipschitz_bound,
+    lipschitz_table,
+    matrix_spectral_norm,
+)
+
+__all__ += [
+    "amplification",
+    "amplification_report",
+    "amplification_summary",
+    "amplification_sweep",
+    "conv_spectral_norm",
+    "format_lipschitz_table",
+    "lipschitz_bound",
+    "lipschitz_table",
+    "matrix_spectral_norm",
+    "plot_amplification",
+]
