@@ -91,7 +91,8 @@ def main() -> int:
         "runs": runs}
     from qrobust.checkpoint import atomic_write_text
 
-    atomic_write_text(HERE / "results" / "pgd_vs_torchattacks.json", json.dumps(result, indent=2))
+    name = "pgd_vs_torchattacks" + ("" if args.eps == 8 else f"_eps{args.eps:g}")
+    atomic_write_text(HERE / "results" / f"{name}.json", json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("best_time_s", "speedup_qrobust_over_torchattacks", "robust_acc")}))
     return 0
 

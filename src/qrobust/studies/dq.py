@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import ConfigError
+from qrobust.studies import SMALL_IMAGE_DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +439,7 @@ def run_dq_study(
     current setting elsewhere; None keeps the current setting.
     """
     if threads == "auto":
-        threads = 1 if dataset == "digits" else None
+        threads = 1 if dataset in SMALL_IMAGE_DATASETS else None
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads must be a positive integer, 'auto' or None, got {threads!r}")
