@@ -135,8 +135,8 @@ def test_train_dq_objective_and_analyze(capsys, tmp_path):
     runs = {}
     for beta in ("0", "0.03"):
         out = tmp_path / f"dq-{beta}"
-        code, _, err = _run(capsys, "train", "--dataset", "digits", "--epochs", "2", "--objective", "dq", "--beta", beta,
-                            "--activation", "relu6", "--out", str(out))
+        code, _, err = _run(capsys, "train", "--dataset", "digits", "--epochs", "2", "--objective", "dq",
+                            "--beta", beta, "--activation", "relu6", "--out", str(out))
         assert code == 0, err
         runs[beta] = orthogonality_error(checkpoint.load(out))["total"]
     assert runs["0.03"] < runs["0"]  # --beta reached the penalty

@@ -13,7 +13,7 @@ from qrobust.errors import DataError
 from qrobust.models import build_model
 from qrobust.training import fit
 
-torchattacks = pytest.importorskip("torchattacks", reason="torchattacks is the test-only reference (.ci/run installs it)")
+torchattacks = pytest.importorskip("torchattacks", reason="the test-only reference; .ci/run installs it")
 
 MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
 

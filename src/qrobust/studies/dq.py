@@ -434,7 +434,8 @@ def run_dq_study(
     (:class:`~qrobust.defenses.OrthogonalityPenalty`). ``quick`` shrinks the defaults (bits 2 and 32, one
     β, a few epochs, 64 samples, smaller attack budgets) for smoke tests. Returns the results dict that
     is also written to ``results.json``. ``threads`` sets torch's intra-op threads for the run (restored
-    afterwards); ``"auto"`` means 1 on digits, MNIST and Fashion-MNIST — their small images leave intra-op parallelism nothing to
+    afterwards); ``"auto"`` means 1 on digits, MNIST and Fashion-MNIST — their small images leave
+    intra-op parallelism nothing to
     split but synchronisation, which on a shared two-core machine made the same run 6× slower — and the
     current setting elsewhere; None keeps the current setting.
     """
