@@ -16,3 +16,9 @@ from qrobust.defenses.orthogonality import OrthogonalityPenalty, dq_objective, o
 
 register_objective("dq", dq_objective)
 __all__ += ["OrthogonalityPenalty", "dq_objective", "orthogonality_error"]
+
+from qrobust.defenses.adversarial import FgsmRS, PgdAT, Trades  # noqa: E402  (registers pgd-at, fgsm-rs, trades)
+from qrobust.defenses.guards import OverfitGuard, co_detected  # noqa: E402
+from qrobust.defenses.odgq import OdgQ  # noqa: E402  (registers odgq)
+
+__all__ += ["FgsmRS", "OdgQ", "OverfitGuard", "PgdAT", "Trades", "co_detected"]

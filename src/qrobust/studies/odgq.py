@@ -1,0 +1,556 @@
+"""``qrobust study odgq``: affordable robust quantization — natural QAT, FGSM-RS, PGD-AT, TRADES and ODG-Q
+compared at each bit-width on robustness *and* training cost, in one run.
+
+**The flow.** At every bit-width (``bits``: 4 → ``w4a4``; 1 → a binary network, see :data:`BINARY_SPEC`)
+each recipe trains the same architecture from the same initialisation with the same data order, epochs and
+optimiser (each recipe's own recommended schedule: the cyclic ``onecycle`` one for FGSM-RS). Two float
+models are trained once as black-box sources: one with PGD-AT, one naturally.
+
+**Per model** (on the first ``n_eval`` test samples, L∞ at the bit-width's ε — one for all by default; on
+digits binary networks are attacked and trained at ε = 0.1, w4a4 ones at 0.2, since at 0.2 no recipe leaves
+a binary digits network any robustness; the float PGD-AT source is trained at the first bit-width's ε):
+
+* clean accuracy;
+* five white-box attacks with straight-through gradients through every quantizer — FGSM, PGD-k (α = ε/4,
+  random start), CW-L∞ (PGD on the margin), APGD-CE, APGD-DLR;
+* five black-box attacks — transfer of PGD-k examples crafted on the float PGD-trained model; transfer from
+  another precision (the same recipe's model at the next bit-width of the study); transfer of MI-FGSM
+  examples crafted on the naturally trained float model; Square (score-based); SPSA (gradient-free);
+* each attack's own robust accuracy, and the per-sample worst case over all ten;
+* the **standard suite** of :func:`qrobust.evaluation.evaluate` (APGD-CE and APGD-T with straight-through
+  gradients, then the gradient-free Square) with its gradient-masking diagnostics: its per-sample worst case
+  is the headline robust accuracy the claims are judged on (``worst_all`` also folds in the ten attacks);
+* for the single-step recipes (FGSM-RS, ODG-Q), the epochs where
+  :class:`~qrobust.defenses.guards.OverfitGuard` saw catastrophic overfitting (PGD accuracy on held-out
+  samples collapsing while FGSM accuracy stays high; warn only, it never changes training);
+* training time per epoch relative to natural QAT at the same bit-width, measured in the same run twice:
+  the median epoch time of the actual training runs, and — the verdict, robust to drifts in machine load —
+  the median over ``timing_repeats`` rounds of back-to-back short runs of every recipe on copies of one
+  model (the order rotates each round) of the per-round ratio to natural training.
+
+**Claims** (per bit-width): ODG-Q's epoch time ≤ 1.5× natural; its standard-suite worst-case robust
+accuracy ≥ FGSM-RS's and within 3 points of PGD-AT's. Each comparison also carries McNemar's paired
+statistic on the same samples (|z| > 1.96: significant).
+
+Outputs in ``out``: ``report.md``, ``results.json``, ``robustness_vs_cost.png``, ``attacks.png`` and the run
+folders (checkpoints, ``metrics.jsonl``) under ``runs/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qrobust.errors import ConfigError
+from qrobust.studies import SMALL_IMAGE_DATASETS
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BINARY_SPEC", "DATASET_DEFAULTS", "RECIPES", "run_odgq_study", "spec_for_bits"]
+
+RECIPES = ("ce", "fgsm-rs", "pgd-at", "trades", "odgq")
+RECIPE_NAMES = {"ce": "natural QAT", "fgsm-rs": "FGSM-RS", "pgd-at": "PGD-AT", "trades": "TRADES", "odgq": "ODG-Q"}
+#: 1-bit weights (sign × per-channel mean |w|) and sign activations with BinaryNet's clipped STE; first and
+#: last layer at 8 bits, the usual BNN practice (XNOR-Net, BinaryNet)
+BINARY_SPEC = "w1a1,act_scheme=sign,ste=clipped,first_layer_bits=8,last_layer_bits=8"
+COST_LIMIT = 1.5
+NEAR_PGD = 0.03
+Z_CRIT = 1.96
+
+#: per-dataset defaults (each can be overridden by the matching keyword of :func:`run_odgq_study`)
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"model": "digits_cnn", "eps": 0.2, "binary_eps": 0.1, "epochs": 20, "batch_size": 64, "lr": 0.05,
+               "n_eval": 359},
+    "mnist": {"model": "small_cnn", "eps": 0.3, "epochs": 10, "batch_size": 128, "lr": 0.05, "n_eval": 1000},
+    "fashion-mnist": {"model": "small_cnn", "eps": 0.1, "epochs": 10, "batch_size": 128, "lr": 0.05,
+                      "n_eval": 1000},
+    "cifar10": {"model": "resnet20", "eps": 8 / 255, "epochs": 30, "batch_size": 128, "lr": 0.1, "n_eval": 1000},
+    "svhn": {"model": "resnet20", "eps": 8 / 255, "epochs": 15, "batch_size": 128, "lr": 0.05, "n_eval": 1000},
+}
+_FALLBACK = {"model": "resnet20", "eps": 8 / 255, "epochs": 10, "batch_size": 128, "lr": 0.05, "n_eval": 500}
+
+
+@dataclasses.dataclass
+class _Budget:
+    pgd_steps: int = 20
+    cw_steps: int = 30
+    apgd_iter: int = 100
+    mi_steps: int = 10
+    square_queries: int = 1000
+    spsa_steps: int = 50
+    spsa_samples: int = 64
+    at_steps: int = 10
+    diagnostic_n: int = 128
+    diagnostic_steps: int = 20
+    timing_repeats: int = 7
+    timing_epochs: int = 3
+    timing_batches: int | None = None
+    guard_steps: int = 10
+
+
+_QUICK = _Budget(pgd_steps=10, cw_steps=10, apgd_iter=25, mi_steps=5, square_queries=200, spsa_steps=10,
+                 spsa_samples=32, at_steps=5, diagnostic_n=64, diagnostic_steps=10, timing_repeats=3,
+                 timing_epochs=1)
+
+
+def spec_for_bits(bits: int) -> str:
+    """``"w{b}a{b}"`` for 2–8 bits, :data:`BINARY_SPEC` for 1, ``"float"`` for 32."""
+    if bits == 1:
+        return BINARY_SPEC
+    if bits == 32:
+        return "float"
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ConfigError(f"bits must be 1 (binary), 2–8 or 32, got {bits!r}")
+    return f"w{bits}a{bits}"
+
+
+# ============================================================================================ pieces
+def _build(name: str, info: Any, spec: str, seed: int) -> nn.Module:
+    from qrobust.models import build_model
+    from qrobust.quant import quantize
+
+    torch.manual_seed(seed)
+    c, h, _ = info.input_shape
+    m = build_model(name, num_classes=info.num_classes, in_channels=c, input_size=h, activation="relu6",
+                    mean=list(info.mean), std=list(info.std))
+    return m if spec == "float" else quantize(m, spec)
+
+
+def _objective(recipe: str, eps: float, budget: _Budget, options: Mapping[str, Mapping[str, Any]]) -> Any:
+    from qrobust.defenses import make_objective
+
+    if recipe == "ce":
+        return make_objective("ce", **dict(options.get("ce", {})))
+    base: dict[str, Any] = {"eps": eps}
+    if recipe in ("pgd-at", "trades"):
+        base["steps"] = budget.at_steps
+    return make_objective(recipe, **{**base, **dict(options.get(recipe, {}))})
+
+
+def _fit_config(cfg: Any, obj: Any) -> Any:
+    return dataclasses.replace(cfg, **getattr(obj, "recommended_fit", {}))
+
+
+def _epoch_time(history: list[dict[str, Any]]) -> float:
+    times = [h["epoch_time_s"] for h in history]
+    return statistics.median(times[1:] if len(times) > 2 else times)
+
+
+def _interleaved_cost(
+    name: str, info: Any, spec: str, train: Any, cfg: Any, recipes: Sequence[str], eps: float,
+    budget: _Budget, options: Mapping[str, Mapping[str, Any]], seed: int,
+) -> dict[str, Any]:
+    """Back-to-back short runs (``timing_epochs`` epochs) of every recipe on copies of one model,
+    ``timing_repeats`` rounds (the order rotates); per round the ratio of each recipe's mean epoch time to
+    natural training's."""
+    from qrobust.training import fit
+
+    base = _build(name, info, spec, seed)
+    order = ["ce", *[r for r in recipes if r != "ce"]]
+    times: dict[str, list[float]] = {r: [] for r in order}
+    for rnd in range(budget.timing_repeats):
+        k = rnd % len(order)
+        for r in order[k:] + order[:k]:
+            obj = _objective(r, eps, budget, options)
+            one = dataclasses.replace(_fit_config(cfg, obj), epochs=budget.timing_epochs,
+                                      max_batches=budget.timing_batches)
+            h = fit(copy.deepcopy(base), train, objective=obj, config=one).history
+            times[r].append(statistics.fmean(e["epoch_time_s"] for e in h))
+    out: dict[str, Any] = {"repeats": budget.timing_repeats, "epochs_per_sample": budget.timing_epochs,
+                           "batches_per_epoch": budget.timing_batches, "epoch_s": times}
+    out["ratio"] = {r: statistics.median(t / n for t, n in zip(times[r], times["ce"])) for r in order}
+    out["ratio_of_minima"] = {r: min(times[r]) / min(times["ce"]) for r in order}
+    return out
+
+
+def _attack_suite(eps: float, b: _Budget, *, float_pgd: nn.Module, float_ce: nn.Module,
+                  other: nn.Module | None, other_label: str | None) -> list[Any]:
+    wb = [
+        ("fgsm", {"label": "FGSM"}),
+        ("pgd", {"steps": b.pgd_steps, "alpha": "eps/4", "label": f"PGD-{b.pgd_steps}"}),
+        ("cwlinf", {"steps": b.cw_steps, "alpha": "eps/4", "label": "CW-Linf"}),
+        ("apgd-ce", {"n_iter": b.apgd_iter, "label": "APGD-CE"}),
+        ("apgd-dlr", {"n_iter": b.apgd_iter, "label": "APGD-DLR"}),
+    ]
+    bb = [("transfer", {"source": float_pgd, "attack": "pgd", "steps": b.pgd_steps, "alpha": "eps/4",
+                        "label": "T-float-PGD-AT"})]
+    if other is not None:
+        bb.append(("transfer", {"source": other, "attack": "pgd", "steps": b.pgd_steps, "alpha": "eps/4",
+                                "label": f"T-{other_label}"}))
+    bb += [
+        ("transfer", {"source": float_ce, "attack": "mifgsm", "steps": b.mi_steps, "alpha": f"eps/{b.mi_steps}",
+                      "label": "T-MI-FGSM"}),
+        ("square", {"n_queries": b.square_queries, "label": "Square"}),
+        ("spsa", {"steps": b.spsa_steps, "nb_samples": b.spsa_samples, "label": "SPSA"}),
+    ]
+    suite = [(n, {**kw, "individual": True}) for n, kw in wb]
+    suite += [(n, {**kw, "individual": True, "black_box": True}) for n, kw in bb]
+    return suite
+
+
+def _mcnemar_z(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Signed McNemar statistic of "a is robust more often than b" on paired masks."""
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    return 0.0 if only_a + only_b == 0 else (only_a - only_b) / math.sqrt(only_a + only_b)
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, b: _Budget, seed: int,
+              **sources: Any) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    from qrobust.evaluation import evaluate
+
+    wide = evaluate(model, (x, y), suite=_attack_suite(eps, b, **sources), eps=eps, seed=seed, diagnostics=False)
+    std = evaluate(model, (x, y), suite="standard", eps=eps, seed=seed, n_queries=b.square_queries,
+                   attack_kwargs={"apgd-ce": {"n_iter": b.apgd_iter}, "apgd-t": {"n_iter": b.apgd_iter}},
+                   diagnostic_n=min(b.diagnostic_n, len(y)), diagnostic_steps=b.diagnostic_steps)
+    wr, sr = wide.result(eps), std.result(eps)
+    attacks = {a.label: a.robust_accuracy for a in wr.attacks}
+    black = {a.label for a in wr.attacks if a.black_box}
+    wb_vals = [v for k, v in attacks.items() if k not in black]
+    bb_vals = [v for k, v in attacks.items() if k in black]
+    worst_all = wr.robust_mask & sr.robust_mask
+    res = {
+        "clean": wide.clean_accuracy,
+        "attacks": attacks,
+        "white_box": sorted(set(attacks) - black, key=list(attacks).index),
+        "black_box": sorted(black, key=list(attacks).index),
+        "white_box_mean": statistics.fmean(wb_vals), "black_box_mean": statistics.fmean(bb_vals),
+        "worst_ten": wr.robust_accuracy,
+        "standard": sr.robust_accuracy,
+        "standard_attacks": {a.label: {"n_broken": a.n_broken, "after": a.robust_accuracy_after}
+                             for a in sr.attacks},
+        "worst_all": float(worst_all.float().mean()),
+        "flags": [f"{d.name}" + ("" if d.eps is None else f"@{d.eps:g}") for d in std.flagged],
+        "eval_time_s": wide.wall_time_s + std.wall_time_s,
+    }
+    return res, sr.robust_mask, worst_all
+
+
+# ============================================================================================ the study
+def run_odgq_study(
+    *,
+    dataset: str = "digits",
+    model: str | None = None,
+    bits: Sequence[int] = (4, 1),
+    recipes: Sequence[str] = RECIPES,
+    epochs: int | None = None,
+    out: str | Path = "runs/odgq-study",
+    n_eval: int | None = None,
+    n_train: int | None = None,
+    eps: float | Mapping[int, float] | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    recipe_options: Mapping[str, Mapping[str, Any]] | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    resume: bool = False,
+    threads: int | str | None = "auto",
+) -> dict[str, Any]:
+    """Run the study (module docstring) and write its report folder ``out``; returns ``results.json``'s dict.
+
+    ``bits`` — bit-widths (1 = binary); ``recipes`` — a subset of :data:`RECIPES` (natural QAT is always
+    trained: it is the cost reference); ``epochs``, ``batch_size``, ``lr``, ``eps`` (L∞, a fraction of the
+    pixel range; one value, or one per bit-width as ``{bits: eps}``), ``n_eval`` default per dataset
+    (:data:`DATASET_DEFAULTS`; on digits binary networks get ε = 0.1, where they have robustness to gain,
+    and the others 0.2); ``n_train`` trains on a
+    class-mixed random subset; ``recipe_options`` overrides a recipe's options
+    (``{"odgq": {"craft_fraction": 0.5}}``); ``quick`` shrinks epochs, samples and attack budgets for smoke
+    tests; ``resume`` continues the run folders under ``out/runs``; ``threads`` — torch intra-op threads
+    (``"auto"``: 1 on digits, whose 8×8 images gain nothing from more).
+    """
+    if threads == "auto":
+        threads = 1 if dataset in SMALL_IMAGE_DATASETS else None
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a positive integer, 'auto' or None, got {threads!r}")
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(dataset=dataset, model=model, bits=bits, recipes=recipes, epochs=epochs, out=Path(out),
+                    n_eval=n_eval, n_train=n_train, eps=eps, batch_size=batch_size, lr=lr,
+                    recipe_options=dict(recipe_options or {}), quick=quick, seed=seed, data_dir=data_dir,
+                    resume=resume, threads=torch.get_num_threads())
+    finally:
+        torch.set_num_threads(old)
+
+
+def _run(*, dataset: str, model: str | None, bits: Sequence[int], recipes: Sequence[str], epochs: int | None,
+         out: Path, n_eval: int | None, n_train: int | None, eps: Any, batch_size: int | None,
+         lr: float | None, recipe_options: dict[str, Mapping[str, Any]], quick: bool, seed: int,
+         data_dir: str | Path | None, resume: bool, threads: int) -> dict[str, Any]:
+    import qrobust
+    from qrobust.checkpoint import atomic_write_text
+    from qrobust.data import load_dataset
+    from qrobust.defenses.adversarial import check_eps
+    from qrobust.defenses.guards import OverfitGuard
+    from qrobust.training import FitConfig, fit
+
+    t_start = time.perf_counter()
+    bits_l = [int(b) for b in bits]
+    if not bits_l or len(set(bits_l)) != len(bits_l):
+        raise ConfigError(f"bits must be a non-empty list of distinct bit-widths, got {list(bits)}")
+    specs = {b: spec_for_bits(b) for b in bits_l}
+    bad = [r for r in recipes if r not in RECIPES]
+    if bad:
+        raise ConfigError(f"unknown recipes {bad}; choose from {RECIPES}")
+    recipes_l = ["ce", *[r for r in RECIPES if r in recipes and r != "ce"]]
+    d = {**DATASET_DEFAULTS.get(dataset, _FALLBACK)}
+    budget = _QUICK if quick else _Budget()
+    if quick:
+        d.update(epochs=max(2, d["epochs"] // 3), n_eval=min(d["n_eval"], 200))
+    model_name = model or d["model"]
+    if eps is None:
+        eps_by = {b: d.get("binary_eps", d["eps"]) if b == 1 else d["eps"] for b in bits_l}
+    elif isinstance(eps, Mapping):
+        missing = [b for b in bits_l if b not in eps]
+        if missing:
+            raise ConfigError(f"eps gives no ε for bit-widths {missing}; give one per bit-width or a single value")
+        eps_by = {b: eps[b] for b in bits_l}
+    else:
+        eps_by = {b: eps for b in bits_l}
+    eps_by = {b: check_eps(e) for b, e in eps_by.items()}
+    eps_v = eps_by[bits_l[0]]  # the float PGD-AT source is trained at the first bit-width's ε
+    epochs_v = epochs or d["epochs"]
+    root = None if data_dir is None else Path(data_dir)
+    train = load_dataset(dataset, "train", root=root)
+    test = load_dataset(dataset, "test", root=root)
+    if n_train is not None:
+        train = train.subset(n_train, seed=seed)
+    info = test.info
+    x, y = test.tensors(n_eval or d["n_eval"])
+    cfg = FitConfig(epochs=epochs_v, batch_size=batch_size or d["batch_size"], lr=lr or d["lr"], seed=seed)
+    runs = out / "runs"
+
+    def train_one(tag: str, recipe: str, spec: str, eps_t: float) -> tuple[nn.Module, dict[str, Any]]:
+        obj = _objective(recipe, eps_t, budget, recipe_options)
+        net = _build(model_name, info, spec, seed)
+        cbs = [obj.callback] if hasattr(obj, "callback") else []
+        guard = None
+        if recipe in ("fgsm-rs", "odgq"):  # single-step recipes: watch for catastrophic overfitting (warn only)
+            guard = OverfitGuard((x, y), eps=eps_t, n=min(256, len(y)), steps=budget.guard_steps, seed=seed)
+            cbs.append(guard)
+        t0 = time.perf_counter()
+        res = fit(net, train, objective=obj, config=_fit_config(cfg, obj), out=runs / tag, resume=resume,
+                  callbacks=cbs, metadata={"dataset": dataset, "study": "odgq", "recipe": recipe})
+        log.info("trained %s in %.0f s", tag, time.perf_counter() - t0)
+        cfg_obj = obj.config() if hasattr(obj, "config") else {"name": recipe}
+        return res.model.eval(), {"epoch_time_s": _epoch_time(res.history), "train_time_s":
+                                  sum(h["epoch_time_s"] for h in res.history), "objective": cfg_obj,
+                                  "final_train_acc": res.history[-1]["train_acc"],
+                                  "co_flagged_epochs": [] if guard is None else guard.flagged}
+
+    log.info("float sources: PGD-AT and natural training")
+    float_pgd, src_pgd = train_one("float-pgd-at", "pgd-at", "float", eps_v)
+    float_ce, src_ce = train_one("float-ce", "ce", "float", eps_v)
+    models: dict[tuple[int, str], nn.Module] = {}
+    rows: list[dict[str, Any]] = []
+    for b in bits_l:
+        for r in recipes_l:
+            log.info("%s at %s", RECIPE_NAMES[r], specs[b])
+            m, meta = train_one(f"{'binary' if b == 1 else specs[b]}-{r}", r, specs[b], eps_by[b])
+            models[b, r] = m
+            rows.append({"recipe": r, "bits": b, "spec": specs[b], "eps": eps_by[b], **meta})
+    cost = {}
+    for b in bits_l:
+        log.info("interleaved cost measurement at %s", specs[b])
+        cost[b] = _interleaved_cost(model_name, info, specs[b], train, cfg, recipes_l, eps_by[b], budget,
+                                    recipe_options, seed)
+
+    masks: dict[tuple[int, str], torch.Tensor] = {}
+    for row in rows:
+        b, r = row["bits"], row["recipe"]
+        others = [o for o in bits_l if o != b]
+        other_b = others[0] if others else None
+        log.info("evaluating %s at %s", RECIPE_NAMES[r], specs[b])
+        res, std_mask, _ = _evaluate(
+            models[b, r], x, y, eps_by[b], budget, seed, float_pgd=float_pgd, float_ce=float_ce,
+            other=models[other_b, r] if other_b is not None else None,
+            other_label=None if other_b is None else ("binary" if other_b == 1 else specs[other_b]))
+        masks[b, r] = std_mask
+        nat = next(rr for rr in rows if rr["bits"] == b and rr["recipe"] == "ce")
+        row.update(res)
+        row["epoch_time_ratio_run"] = row["epoch_time_s"] / nat["epoch_time_s"]
+        row["epoch_time_ratio"] = cost[b]["ratio"][r]
+        row["epoch_time_ratio_min"] = cost[b]["ratio_of_minima"][r]
+
+    claims = _claims(rows, masks, bits_l)
+    results = {
+        "study": "odgq",
+        "settings": {"dataset": dataset, "model": model_name, "eps": {str(b): e for b, e in eps_by.items()},
+                     "source_eps": eps_v, "bits": bits_l, "specs":
+                     {str(b): s for b, s in specs.items()}, "recipes": recipes_l, "fit": cfg.to_dict(),
+                     "n_train": len(train), "n_eval": len(y), "quick": quick, "seed": seed, "threads": threads,
+                     "budget": dataclasses.asdict(budget), "recipe_options": recipe_options},
+        "sources": {"float-pgd-at": src_pgd, "float-ce": src_ce},
+        "rows": rows,
+        "cost": {str(b): c for b, c in cost.items()},
+        "claims": claims,
+        "versions": {"qrobust": qrobust.__version__, "torch": torch.__version__},
+        "wall_time_s": time.perf_counter() - t_start,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
+    _plot_cost(results, out / "robustness_vs_cost.png")
+    _plot_attacks(results, out / "attacks.png")
+    atomic_write_text(out / "report.md", _report(results))
+    return results
+
+
+# ============================================================================================ claims
+def _claims(rows: list[dict[str, Any]], masks: dict[tuple[int, str], torch.Tensor], bits: list[int]
+            ) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for b in bits:
+        get = {r["recipe"]: r for r in rows if r["bits"] == b}
+        if "odgq" not in get:
+            continue
+        o = get["odgq"]
+        c: dict[str, Any] = {"odgq_epoch_time_ratio": o["epoch_time_ratio"],
+                             "odgq_epoch_time_ratio_min": o["epoch_time_ratio_min"],
+                             "odgq_epoch_time_ratio_run": o["epoch_time_ratio_run"],
+                             "cost_ok": o["epoch_time_ratio"] <= COST_LIMIT}
+        if "pgd-at" in get:
+            c["pgd_at_epoch_time_ratio"] = get["pgd-at"]["epoch_time_ratio"]
+        for ref, key, ok in (("fgsm-rs", "vs_fgsm_rs", lambda gap: gap >= 0),
+                             ("pgd-at", "vs_pgd_at", lambda gap: gap >= -NEAR_PGD)):
+            if ref in get:
+                gap = o["standard"] - get[ref]["standard"]
+                c[key] = {"odgq": o["standard"], ref: get[ref]["standard"], "gap": gap, "holds": bool(ok(gap)),
+                          "z": _mcnemar_z(masks[b, "odgq"], masks[b, ref]),
+                          "gap_worst_all": o["worst_all"] - get[ref]["worst_all"]}
+        out[str(b)] = c
+    return out
+
+
+# ============================================================================================ report
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _report(res: dict[str, Any]) -> str:
+    s = res["settings"]
+    L = [f"# ODG-Q study — {s['dataset']}, {s['model']}\n",
+         "Natural QAT, FGSM-RS, PGD-AT, TRADES and ODG-Q trained from the same initialisation for "
+         f"{s['fit']['epochs']} epochs (batch {s['fit']['batch_size']}, lr {s['fit']['lr']:g}, SGD; FGSM-RS "
+         f"with its onecycle schedule, the others cosine) on {s['n_train']} training images; evaluated on "
+         f"{s['n_eval']} test images under L∞ attacks. Specs: "
+         + ", ".join(f"{b} bits = `{sp}` (ε = {s['eps'][b]:.4g})" for b, sp in s["specs"].items())
+         + f". PGD-AT/TRADES use {s['budget']['at_steps']} steps. Wall time {res['wall_time_s']:.0f} s on "
+         f"{s['threads']} thread(s){' (quick budgets)' if s['quick'] else ''}.\n",
+         "Robust accuracies in %. White-box attacks use straight-through gradients through every quantizer. "
+         "**standard** = per-sample worst case of the standard suite (APGD-CE, APGD-T with ste gradients, then "
+         "gradient-free Square) — the headline number; **worst-all** also folds in the ten attacks. **cost** = "
+         "epoch time ÷ natural QAT's, interleaved short runs (median of per-round ratios; **cost (fastest)**: "
+         "ratio of each recipe's fastest epoch, the least load-disturbed estimate); **cost (run)** = the same from "
+         "the training runs' median epoch times.\n"]
+    for b in s["bits"]:
+        rows = [r for r in res["rows"] if r["bits"] == b]
+        if not rows:
+            continue
+        labels = rows[0]["white_box"] + rows[0]["black_box"]
+        L.append(f"## {b} bit{'s' if b > 1 else ''} (`{s['specs'][str(b)]}`), ε = {s['eps'][str(b)]:.4g}\n")
+        L.append("| recipe | clean | " + " | ".join(labels) + " | white-box mean | black-box mean | worst-ten | "
+                 "**standard** | worst-all | **cost** | cost (fastest) | cost (run) |")
+        L.append("|" + "---|" * (len(labels) + 10))
+        for r in rows:
+            L.append(f"| {RECIPE_NAMES[r['recipe']]} | {_pct(r['clean'])} | "
+                     + " | ".join(_pct(r["attacks"][k]) for k in labels)
+                     + f" | {_pct(r['white_box_mean'])} | {_pct(r['black_box_mean'])} | {_pct(r['worst_ten'])} | "
+                     f"**{_pct(r['standard'])}** | {_pct(r['worst_all'])} | **{r['epoch_time_ratio']:.2f}×** | "
+                     f"{r['epoch_time_ratio_min']:.2f}× | {r['epoch_time_ratio_run']:.2f}× |")
+        flags = [f"{RECIPE_NAMES[r['recipe']]}: {', '.join(r['flags'])}" for r in rows if r["flags"]]
+        L.append("\nGradient-masking diagnostics (standard suite): " + ("; ".join(flags) if flags else "none flagged")
+                 + ".\n")
+        co = [f"{RECIPE_NAMES[r['recipe']]} at epochs {r['co_flagged_epochs']}" for r in rows
+              if r.get("co_flagged_epochs")]
+        L.append("Catastrophic overfitting seen by the guard (FGSM-RS, ODG-Q; warn only): "
+                 + ("; ".join(co) if co else "none") + ".\n")
+    L.append("## Claims\n")
+    for b, c in res["claims"].items():
+        name = f"{b} bit{'s' if int(b) > 1 else ''}"
+        L.append(f"- **{name} — cost**: ODG-Q epoch {c['odgq_epoch_time_ratio']:.3f}× natural (fastest epochs: "
+                 f"{c['odgq_epoch_time_ratio_min']:.2f}×; training runs: {c['odgq_epoch_time_ratio_run']:.2f}×; "
+                 f"PGD-AT {c.get('pgd_at_epoch_time_ratio', float('nan')):.2f}×)"
+                 f" — {'holds' if c['cost_ok'] else 'does not hold'} (≤ {COST_LIMIT}×).")
+        near = f"within {100 * NEAR_PGD:.0f} points of PGD-AT"
+        for key, ref, what in (("vs_fgsm_rs", "fgsm-rs", "≥ FGSM-RS"), ("vs_pgd_at", "pgd-at", near)):
+            if key in c:
+                v = c[key]
+                L.append(f"- **{name} — {what}**: ODG-Q {_pct(v['odgq'])}% vs {RECIPE_NAMES[ref]} {_pct(v[ref])}% "
+                         f"(gap {100 * v['gap']:+.1f} points, McNemar z = {v['z']:+.2f}; worst-all gap "
+                         f"{100 * v['gap_worst_all']:+.1f}) — **{'holds' if v['holds'] else 'does not hold'}**.")
+    n = s["n_eval"]
+    L.append(f"\nWith {n} test samples one accuracy has a standard error of about "
+             f"{100 * math.sqrt(0.25 / n):.1f} points; paired differences are judged by McNemar's z.\n")
+    L.append("![robust accuracy vs training cost](robustness_vs_cost.png)\n\n![per attack](attacks.png)\n")
+    return "\n".join(L)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    _plt().close(fig)
+    tmp.replace(path)
+
+
+def _plot_cost(res: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    markers = {"ce": "o", "fgsm-rs": "s", "pgd-at": "^", "trades": "v", "odgq": "*"}
+    for i, b in enumerate(res["settings"]["bits"]):
+        for r in (r for r in res["rows"] if r["bits"] == b):
+            ax.scatter(r["epoch_time_ratio"], 100 * r["standard"], marker=markers[r["recipe"]], color=f"C{i}",
+                       s=90 if r["recipe"] == "odgq" else 45,
+                       label=f"{RECIPE_NAMES[r['recipe']]} {b}-bit")
+    ax.axvline(COST_LIMIT, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ticks = [t for t in (1, 1.5, 2, 3, 5, 8, 12, 20) if t <= max(r["epoch_time_ratio"] for r in res["rows"]) * 1.2]
+    ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("epoch time ÷ natural QAT (log)")
+    ax.set_ylabel("standard-suite robust accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_attacks(res: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    bits = res["settings"]["bits"]
+    fig, axes = plt.subplots(len(bits), 1, figsize=(9, 3.2 * len(bits)), squeeze=False)
+    for ax, b in zip(axes[:, 0], bits):
+        rows = [r for r in res["rows"] if r["bits"] == b]
+        labels = ["clean", *rows[0]["white_box"], *rows[0]["black_box"], "standard"]
+        w = 0.8 / len(rows)
+        for j, r in enumerate(rows):
+            vals = [r["clean"], *[r["attacks"][k] for k in labels[1:-1]], r["standard"]]
+            ax.bar([i + j * w for i in range(len(labels))], [100 * v for v in vals], width=w,
+                   label=RECIPE_NAMES[r["recipe"]])
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(labels))], labels, rotation=30, fontsize=7, ha="right")
+        ax.set_ylabel(f"{b}-bit accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].legend(fontsize=7, ncol=5)
+    fig.tight_layout()
+    _save(fig, path)
