@@ -155,3 +155,23 @@ def test_study_dq_quick(capsys, tmp_path):
     res = json.loads((tmp_path / "dq" / "results.json").read_text())
     assert "claims" in json.dumps(res)
     assert (tmp_path / "dq" / "report.md").exists()
+
+
+def test_train_fgsm_rs_with_overfitting_guard(capsys, tmp_path):
+    out = tmp_path / "fgsm"
+    code, _, err = _run(capsys, "train", "--dataset", "digits", "--epochs", "2", "--objective", "fgsm-rs",
+                        "--train-eps", "25", "--co-guard", "warn", "--out", str(out))
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["fit"]["schedule"] == "onecycle"  # FGSM-RS's usual schedule
+    assert abs(cfg["objective"]["eps"] - 25 / 255) < 1e-9
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("co_pgd_acc" in r and "co_fgsm_acc" in r for r in rec)
+
+
+@pytest.mark.slow
+def test_study_odgq_quick(capsys, tmp_path):
+    code, _, err = _run(capsys, "study", "odgq", "--quick", "--bits", "4", "--recipes", "fgsm-rs,odgq", "--epochs", "1",
+                        "--n-eval", "32", "--out", str(tmp_path / "odgq"))
+    assert code == 0, err
+    assert (tmp_path / "odgq" / "report.md").exists() and (tmp_path / "odgq" / "results.json").exists()

@@ -200,3 +200,25 @@ def test_ddp_two_cpu_processes(tmp_path):
     # each of the 2 ranks saw half the data; the aggregated count is the whole (even-sized) training set
     assert lines[-1]["test_acc"] > 0.6
     assert qrobust.load(out) is not None
+
+
+def test_odgq_resume_restores_carried_perturbations(tmp_path, digits):
+    """ODG-Q keeps per-sample perturbations across epochs: a resumed run must continue them (and its
+    metrics carry the objective's own odgq_* numbers)."""
+    from qrobust.defenses import make_objective
+
+    train, _ = digits
+
+    def run(out, **kw):
+        return fit(_digits_model(train.info), train, objective=make_objective("odgq", eps=0.1), epochs=3,
+                   out=out, max_batches=6, batch_size=64, **kw)
+
+    full = run(tmp_path / "full")
+    assert any(k.startswith("odgq_") for k in full.history[-1])
+    run(tmp_path / "part")
+    for name in ("epoch_002.safetensors", "epoch_003.safetensors"):
+        (tmp_path / "part" / "checkpoints" / name).unlink()
+    (tmp_path / "part" / "final.safetensors").unlink()
+    resumed = run(tmp_path / "part", resume=True)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -133,9 +133,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--objective-options must be JSON, e.g. '{{\"label_smoothing\": 0.1}}': {e}") from e
     from qrobust.defenses import make_objective
 
-    flags = {"beta": args.beta, "base": args.base, "steps": args.train_steps,
-             "eps": None if args.train_eps is None else args.train_eps / 255,
-             "alpha": None if args.train_alpha is None else args.train_alpha / 255}
+    flags = {
+        "beta": args.beta,
+        "base": args.base,
+        "steps": args.train_steps,
+        "eps": None if args.train_eps is None else args.train_eps / 255,
+        "alpha": None if args.train_alpha is None else args.train_alpha / 255,
+    }
     options = {**{k: v for k, v in flags.items() if v is not None}, **options}  # explicit JSON options win
     objective = make_objective(args.objective, **options)
     cfg = FitConfig(
@@ -144,7 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         lr=args.lr,
         weight_decay=args.weight_decay,
-        schedule=args.schedule,
+        # a recipe's usual schedule (FGSM-RS: one-cycle) unless --schedule says otherwise
+        schedule=args.schedule or getattr(objective, "recommended_fit", {}).get("schedule", "cosine"),
         seed=args.seed,
         bf16=args.bf16,
         channels_last=args.channels_last,
@@ -153,6 +158,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs,
     )
     out = Path(args.out or f"runs/{args.dataset}-{model.qrobust_arch['name']}-{args.bits or 'float'}")
+    callbacks = []
+    if args.co_guard:
+        from qrobust.defenses import OverfitGuard
+
+        callbacks.append(
+            OverfitGuard(test_ds, eps=getattr(objective, "eps", 8 / 255), action=args.co_guard, seed=args.seed)
+        )
     result = fit(
         model,
         train_ds,
@@ -162,6 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out=out,
         resume=args.resume,
         metadata={"dataset": args.dataset, "init": args.init, "n_train": len(train_ds)},
+        callbacks=callbacks,
     )
     last = result.history[-1] if result.history else {}
     print(f"trained {out}: test accuracy {last.get('test_acc', float('nan')):.4f} after {last.get('epoch', 0)} epochs")
@@ -229,10 +242,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data, dataset = _eval_data(args, model)
     parent = checkpoint.load(args.parent) if args.parent else None
     options = _json_option(args.attack_options, "--attack-options")
-    report = evaluate(model, data, suite=args.suite, eps=parse_eps(args.eps, args.norm), norm=args.norm,
-                      gradients=args.gradients, batch_size=args.batch_size, seed=args.seed, parent=parent,
-                      n_queries=args.n_queries, attack_kwargs=options or None, diagnostics=not args.no_diagnostics,
-                      model_name=str(args.checkpoint), dataset=dataset)
+    report = evaluate(
+        model,
+        data,
+        suite=args.suite,
+        eps=parse_eps(args.eps, args.norm),
+        norm=args.norm,
+        gradients=args.gradients,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        parent=parent,
+        n_queries=args.n_queries,
+        attack_kwargs=options or None,
+        diagnostics=not args.no_diagnostics,
+        model_name=str(args.checkpoint),
+        dataset=dataset,
+    )
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.suite}")
     report.save(out)
     print(report.summary())
@@ -252,8 +277,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     eps = parse_eps(args.eps, args.norm)
     if len(eps) != 1:
         raise UsageError("qrobust: attack takes one --eps value")
-    options = {"eps": eps[0], "gradients": args.gradients, "seed": args.seed,
-               **_json_option(args.attack_options, "--attack-options")}
+    options = {
+        "eps": eps[0],
+        "gradients": args.gradients,
+        "seed": args.seed,
+        **_json_option(args.attack_options, "--attack-options"),
+    }
     if args.norm != "Linf":
         options["norm"] = args.norm
     from qrobust.attacks import ATTACKS
@@ -266,13 +295,19 @@ def cmd_attack(args: argparse.Namespace) -> int:
     with torch.no_grad():
         pred_clean, pred_adv = model(x).argmax(1), model(x_adv).argmax(1)
     out = Path(args.out or f"{Path(args.checkpoint).with_suffix('').as_posix()}-{args.attack}")
-    meta = {"checkpoint": str(args.checkpoint), "dataset": dataset, "attack": args.attack,
-            "settings": attack.config() if hasattr(attack, "config") else options}
+    meta = {
+        "checkpoint": str(args.checkpoint),
+        "dataset": dataset,
+        "attack": args.attack,
+        "settings": attack.config() if hasattr(attack, "config") else options,
+    }
     paths = save_adversarial_examples(x, x_adv, y, pred_clean, pred_adv, out, metadata=meta)
     fooled = ((pred_clean == y) & (pred_adv != y)).sum().item()
-    print(f"{args.attack} at eps={args.eps} ({args.norm}): clean {(pred_clean == y).float().mean().item():.4f}, "
-          f"adversarial {(pred_adv == y).float().mean().item():.4f}; fooled {fooled} of {int((pred_clean == y).sum())} "
-          f"correctly classified")
+    print(
+        f"{args.attack} at eps={args.eps} ({args.norm}): clean {(pred_clean == y).float().mean().item():.4f}, "
+        f"adversarial {(pred_adv == y).float().mean().item():.4f}; fooled {fooled} of {int((pred_clean == y).sum())} "
+        f"correctly classified"
+    )
     for kind, path in paths.items():
         print(f"  {kind}: {path}")
     return 0
@@ -302,13 +337,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return 0
     from qrobust.analysis.amplification import amplification_report
 
-    models = {Path(c).with_suffix("").name if Path(c).is_file() else Path(c).name: checkpoint.load(c)
-              for c in args.checkpoints}
+    models = {
+        Path(c).with_suffix("").name if Path(c).is_file() else Path(c).name: checkpoint.load(c)
+        for c in args.checkpoints
+    }
     first = next(iter(models.values()))
     (x, y), _ = _eval_data(args, first)
     out = Path(args.out or "amplification")
-    amplification_report(models, x, y, eps_list=parse_eps(args.eps, "Linf"), out=out, attack=args.attack,
-                         steps=args.steps, bits=args.bits, alpha=args.alpha, seed=args.seed)
+    amplification_report(
+        models,
+        x,
+        y,
+        eps_list=parse_eps(args.eps, "Linf"),
+        out=out,
+        attack=args.attack,
+        steps=args.steps,
+        bits=args.bits,
+        alpha=args.alpha,
+        seed=args.seed,
+    )
     print(f"amplification: {out / 'amplification.json'}  {out / 'amplification.png'}")
     return 0
 
@@ -328,22 +375,44 @@ def cmd_study(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"qrobust: --bits takes integers separated by commas: {e}") from e
     args.out = args.out or f"runs/{args.name}-{args.dataset}"
-    common = {"dataset": args.dataset, "model": args.model, "epochs": args.epochs, "out": args.out,
-              "data_dir": args.data_dir, "n_eval": args.n_eval, "quick": args.quick, "seed": args.seed,
-              "resume": args.resume}
+    common = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "epochs": args.epochs,
+        "out": args.out,
+        "data_dir": args.data_dir,
+        "n_eval": args.n_eval,
+        "quick": args.quick,
+        "seed": args.seed,
+        "resume": args.resume,
+    }
     if args.name == "dq":
         from qrobust.studies.dq import run_dq_study
 
         modes = args.quantize_weights.split(",")
-        run_dq_study(**common, bits=bits, betas=_float_list(args.betas), eps=eps,
-                     quantize_weights=modes[0] if len(modes) == 1 else tuple(modes), adversarial=args.adversarial,
-                     init=args.init, full_confirm=args.full_confirm)
+        run_dq_study(
+            **common,
+            bits=bits,
+            betas=_float_list(args.betas),
+            eps=eps,
+            quantize_weights=modes[0] if len(modes) == 1 else tuple(modes),
+            adversarial=args.adversarial,
+            init=args.init,
+            full_confirm=args.full_confirm,
+        )
     else:
         from qrobust.studies.odgq import run_odgq_study
 
-        options = {k: v for k, v in {"bits": bits, "eps": eps[0] if eps else None,
-                                     "recipes": tuple(args.recipes.split(",")) if args.recipes else None,
-                                     "n_train": args.n_train}.items() if v is not None}
+        options = {
+            k: v
+            for k, v in {
+                "bits": bits,
+                "eps": eps[0] if eps else None,
+                "recipes": tuple(args.recipes.split(",")) if args.recipes else None,
+                "n_train": args.n_train,
+            }.items()
+            if v is not None
+        }
         run_odgq_study(**common, **options)
     print(f"study report: {Path(args.out) / 'report.md'}")
     return 0
@@ -386,7 +455,18 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     t.add_argument("--lr", type=float, default=0.05)
     t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle", "step", "constant"])
+    t.add_argument(
+        "--schedule",
+        default=None,
+        choices=["cosine", "onecycle", "step", "constant"],
+        help="learning-rate schedule (default: the objective's usual one, else cosine)",
+    )
+    t.add_argument(
+        "--co-guard",
+        default=None,
+        choices=["warn", "stop", "restore"],
+        help="single-step recipes: watch for catastrophic overfitting (PGD vs FGSM accuracy on test images)",
+    )
     t.add_argument("--warmup-epochs", type=float, default=0.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -409,8 +489,12 @@ def make_parser() -> argparse.ArgumentParser:
         _add_data_args(a, default=None)
         a.add_argument("--n", type=int, default=1000, help="number of test images (default: %(default)s)")
         a.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
-        a.add_argument("--gradients", default="ste", choices=["ste", "native", "surrogate"],
-                       help="gradients through quantizers: ste = straight-through/BPDA (default)")
+        a.add_argument(
+            "--gradients",
+            default="ste",
+            choices=["ste", "native", "surrogate"],
+            help="gradients through quantizers: ste = straight-through/BPDA (default)",
+        )
         a.add_argument("--seed", type=int, default=0)
         a.add_argument("--attack-options", default=None, help="JSON, e.g. '{\"steps\": 50}'")
         a.add_argument("--out", default=None, help="output folder")
@@ -418,8 +502,12 @@ def make_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="robustness report of a checkpoint (attacks, worst case, diagnostics)")
     _attack_target_args(e)
     e.add_argument("--suite", default="standard", help="quick | standard | quantized (default: %(default)s)")
-    e.add_argument("--eps", default="8", help="ε, comma-separated for a sweep; L∞ on the 0–255 scale (8 = 8/255), "
-                   "L2 as the norm of [0, 1] pixels (default: %(default)s)")
+    e.add_argument(
+        "--eps",
+        default="8",
+        help="ε, comma-separated for a sweep; L∞ on the 0–255 scale (8 = 8/255), "
+        "L2 as the norm of [0, 1] pixels (default: %(default)s)",
+    )
     e.add_argument("--parent", default=None, help="float parent checkpoint (transfer attack in the quantized suite)")
     e.add_argument("--n-queries", type=int, default=None, help="Square's query budget (default 5000)")
     e.add_argument("--batch-size", type=int, default=256)

@@ -244,22 +244,55 @@ def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _flatten_state(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Tensors of a nested objective state go to ``tensors`` under ``prefix/path``; the rest stays as JSON."""
+    if isinstance(state, torch.Tensor):
+        tensors[prefix] = state
+        return {"__tensor__": prefix}
+    if isinstance(state, dict):
+        return {str(k): _flatten_state(v, f"{prefix}/{k}", tensors) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_flatten_state(v, f"{prefix}/{i}", tensors) for i, v in enumerate(state)]
+    return state
+
+
+def _unflatten_state(doc: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(doc, dict):
+        if set(doc) == {"__tensor__"}:
+            return tensors[doc["__tensor__"]]
+        return {k: _unflatten_state(v, tensors) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_unflatten_state(v, tensors) for v in doc]
+    return doc
+
+
 def _epoch_path(out: Path, epoch: int) -> Path:
     return out / "checkpoints" / f"epoch_{epoch:03d}.safetensors"
 
 
 def _save_epoch(
-    out: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list, run_meta: dict, keep: int | None
+    out: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    epoch: int,
+    history: list,
+    run_meta: dict,
+    keep: int | None,
+    objective: Any = None,
 ) -> None:
     tensors = dict(model.state_dict())
     opt_tensors, opt_meta = _optimizer_to_tensors(opt)
     tensors.update(opt_tensors)
     tensors["__rng__/torch"] = torch.get_rng_state()
+    # a stateful objective (ODG-Q's carried perturbations) is saved with the epoch, so a resume continues it
+    obj_state = (
+        _flatten_state(objective.state_dict(), "__objective__", tensors) if hasattr(objective, "state_dict") else None
+    )
     meta = {
         "arch": getattr(model, "qrobust_arch", None),
         "spec": getattr(model, "qrobust_spec", None),
         "metadata": {**run_meta, "epoch": epoch},
-        "training_state": {"epoch": epoch, "history": history, "optimizer": opt_meta},
+        "training_state": {"epoch": epoch, "history": history, "optimizer": opt_meta, "objective": obj_state},
     }
     ckpt.save_tensors(_epoch_path(out, epoch), tensors, meta)
     if keep:
@@ -363,6 +396,8 @@ def fit(
                 )
                 _optimizer_from_tensors(opt, tensors, ts["optimizer"])
                 torch.set_rng_state(tensors["__rng__/torch"])
+                if ts.get("objective") is not None and hasattr(obj, "load_state_dict"):
+                    obj.load_state_dict(_unflatten_state(ts["objective"], tensors))
                 start_epoch, history = ts["epoch"], ts["history"]
                 log.info("resuming %s after epoch %d", out_path, start_epoch)
                 if rank == 0:
@@ -447,7 +482,9 @@ def fit(
         if rank == 0:
             if test is not None:
                 record["test_acc"] = accuracy(model, test, batch_size=cfg.eval_batch_size)
-            for cb in callbacks or []:
+            # an objective may report per-epoch numbers of its own (ODG-Q's domain losses)
+            own = [obj.callback] if callable(getattr(obj, "callback", None)) else []
+            for cb in [*own, *(callbacks or [])]:
                 if cb(record, model) == "stop":
                     stop = True
             history.append(record)
@@ -461,7 +498,7 @@ def fit(
                 elapsed,
             )
             if out_path is not None:
-                _save_epoch(out_path, model, opt, epoch + 1, history, run_meta, cfg.keep_checkpoints)
+                _save_epoch(out_path, model, opt, epoch + 1, history, run_meta, cfg.keep_checkpoints, obj)
                 _write_metrics(out_path, history)
         if world > 1:
             flag = torch.tensor([1.0 if stop else 0.0], device=device)
