@@ -4,7 +4,7 @@
     python bench/bench_cifar_resnet20.py w4a4       # fine-tunes from the float run, ≈ 10–15 min
     python bench/bench_cifar_resnet20.py overhead   # float vs w4a4 epoch cost, measured in one process
 
-Each stage merges its numbers into bench/results/cifar_resnet20.json. Run folders go to bench/work/ (not
+Each stage merges its numbers into bench/results/cifar_resnet20.json. Run folders go to bench/runs/ (not
 committed); the float checkpoint there is the starting point of the other studies.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-WORK = HERE / "work"
+WORK = HERE / "runs"
 RESULTS = HERE / "results" / "cifar_resnet20.json"
 
 

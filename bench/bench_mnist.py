@@ -48,7 +48,7 @@ def main() -> int:
         cfg = FitConfig(epochs=args.epochs, batch_size=128, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
                         schedule="onecycle", seed=0)
         t0 = time.perf_counter()
-        res = fit(model, train, test=test, config=cfg, out=HERE / "work" / f"mnist-{spec}", resume=True,
+        res = fit(model, train, test=test, config=cfg, out=HERE / "runs" / f"mnist-{spec}", resume=True,
                   metadata={"dataset": "mnist"})
         results["runs"][spec] = {
             "test_acc": res.history[-1]["test_acc"], "epochs": args.epochs,

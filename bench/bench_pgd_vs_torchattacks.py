@@ -1,6 +1,6 @@
 """PGD-20 robust-accuracy evaluation of ResNet-20 on 1,000 CIFAR-10 (JPEG) test images: qrobust vs torchattacks.
 
-    python bench/bench_pgd_vs_torchattacks.py [--ckpt bench/work/resnet20-float] [--n 1000] [--eps 8]
+    python bench/bench_pgd_vs_torchattacks.py [--ckpt bench/runs/resnet20-float] [--n 1000] [--eps 8]
 
 Same model, same images, same batch size, same machine and thread count; each library runs in its own fresh
 subprocess (so peak memory is its own), alternating, twice. Writes bench/results/pgd_vs_torchattacks.json.
@@ -58,7 +58,7 @@ def worker(lib: str, ckpt: str, n: int, eps: float, batch: int, threads: int) ->
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=str(HERE / "work" / "resnet20-float"))
+    p.add_argument("--ckpt", default=str(HERE / "runs" / "resnet20-float"))
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--eps", type=float, default=8.0, help="L∞ ε on the 0–255 scale")
     p.add_argument("--batch", type=int, default=250)

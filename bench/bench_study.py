@@ -4,7 +4,7 @@
     python bench/bench_study.py dq --dataset mnist --bits 1,2,4,32 --betas 3e-3,3e-2 --n-eval 1000
     python bench/bench_study.py odgq --dataset digits
 
-Extra options are passed to `qrobust study` unchanged; the run folder is bench/work/{study}-{dataset}.
+Extra options are passed to `qrobust study` unchanged; the run folder is bench/runs/{study}-{dataset}.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main() -> int:
     p.add_argument("--tag", default="", help="suffix of the result names (for variants)")
     args, rest = p.parse_known_args()
     name = f"{args.study}_{args.dataset}{'_' + args.tag if args.tag else ''}"
-    out = HERE / "work" / name
+    out = HERE / "runs" / name
     from qrobust.cli import main as cli
 
     code = cli(["study", args.study, "--dataset", args.dataset, "--out", str(out), "--resume", *rest])
