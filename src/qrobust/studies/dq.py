@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import ConfigError
-from qrobust.studies import SMALL_IMAGE_DATASETS
+from qrobust.studies import study_threads
 
 log = logging.getLogger(__name__)
 
@@ -435,242 +435,194 @@ def run_dq_study(
     β, a few epochs, 64 samples, smaller attack budgets) for smoke tests. Returns the results dict that
     is also written to ``results.json``. ``threads`` sets torch's intra-op threads for the run (restored
     afterwards); ``"auto"`` means 1 on digits, MNIST and Fashion-MNIST — their small images leave
-    intra-op parallelism nothing to
-    split but synchronisation, which on a shared two-core machine made the same run 6× slower — and the
-    current setting elsewhere; None keeps the current setting.
+    intra-op parallelism nothing to split but synchronisation, which on a shared two-core machine made the
+    same run 6× slower — and the current setting elsewhere; None keeps the current setting.
     """
-    if threads == "auto":
-        threads = 1 if dataset in SMALL_IMAGE_DATASETS else None
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"threads must be a positive integer, 'auto' or None, got {threads!r}")
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _run_dq_study(
-            dataset=dataset, model=model, bits=bits, betas=betas, quantize_weights=quantize_weights,
-            adversarial=adversarial, epochs=epochs, float_epochs=float_epochs, out=out, data_dir=data_dir,
-            n_eval=n_eval, eps=eps, main_eps=main_eps, init=init, layers=layers, weights=weights,
-            act_clip=act_clip, batch_size=batch_size, lr=lr, finetune_lr=finetune_lr, at_steps=at_steps,
-            full_confirm=full_confirm, quick=quick, resume=resume, seed=seed,
+    with study_threads(threads, dataset):
+        from qrobust.analysis.amplification import (
+            amplification,
+            amplification_summary,
+            amplification_sweep,
+            plot_amplification,
         )
-    finally:
-        torch.set_num_threads(old_threads)
+        from qrobust.checkpoint import atomic_write_text
+        from qrobust.data import load_dataset
+        from qrobust.quant import QuantSpec, quantize
+        from qrobust.training import FitConfig
+        from qrobust.utils import progress, seed_everything
 
+        t_start = time.perf_counter()
+        d = {**_FALLBACK, **DATASET_DEFAULTS.get(dataset, {})}
+        if quick:
+            d.update(float_epochs=min(d["float_epochs"], 4), epochs=1, n_eval=64)
+        bits_l = _check_bits(bits if bits is not None else ((2, 32) if quick else DEFAULT_BITS))
+        betas_l = _check_betas(betas if betas is not None else ((3e-2,) if quick else DEFAULT_BETAS))
+        modes = _modes(quantize_weights)
+        eps_l = sorted({float(e) for e in (eps if eps is not None else d["eps"])})
+        if not eps_l or any(not 0 < e <= 1 for e in eps_l):
+            raise ConfigError(f"eps must be fractions of the pixel range in (0, 1], got {eps!r}")
+        m_eps = float(main_eps) if main_eps is not None else (d["main_eps"] if d["main_eps"] in eps_l else eps_l[-1])
+        if m_eps not in eps_l:
+            eps_l = sorted({*eps_l, m_eps})
+        if weights not in ("latent", "quantized"):
+            raise ConfigError(f"weights must be 'latent' or 'quantized', got {weights!r}")
+        QuantSpec(act_clip=act_clip)  # validates act_clip
+        budget = _QUICK if quick else _Budget()
+        ft_epochs = int(epochs if epochs is not None else d["epochs"])
+        f_epochs = int(float_epochs if float_epochs is not None else d["float_epochs"])
+        if ft_epochs < 1 or f_epochs < 1:
+            raise ConfigError("epochs and float_epochs must be ≥ 1")
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        seed_everything(seed)
 
-def _run_dq_study(
-    *,
-    dataset: str = "digits",
-    model: str | None = None,
-    bits: Sequence[int] | None = None,
-    betas: Sequence[float] | None = None,
-    quantize_weights: str | Sequence[str] = "act-only",
-    adversarial: bool = False,
-    epochs: int | None = None,
-    float_epochs: int | None = None,
-    out: str | Path = "runs/dq-study",
-    data_dir: str | Path | None = None,
-    n_eval: int | None = None,
-    eps: Sequence[float] | None = None,
-    main_eps: float | None = None,
-    init: str | Path | None = None,
-    layers: str | Sequence[str] = "all",
-    weights: str = "latent",
-    act_clip: float = 6.0,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    finetune_lr: float | None = None,
-    at_steps: int = 5,
-    full_confirm: bool = False,
-    quick: bool = False,
-    resume: bool = False,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """The body of :func:`run_dq_study`."""
-    from qrobust.analysis.amplification import (
-        amplification,
-        amplification_summary,
-        amplification_sweep,
-        plot_amplification,
-    )
-    from qrobust.checkpoint import atomic_write_text
-    from qrobust.data import load_dataset
-    from qrobust.quant import QuantSpec, quantize
-    from qrobust.training import FitConfig
-    from qrobust.utils import progress, seed_everything
+        train = load_dataset(dataset, "train", root=data_dir)
+        test = load_dataset(dataset, "test", root=data_dir)
+        info = train.info
+        n = min(int(n_eval if n_eval is not None else d["n_eval"]), len(test))
+        ev = test.subset(n, seed=seed) if n < len(test) else test
+        x, y = ev.tensors()
+        input_shape = tuple(info.input_shape)
+        model_name = model or d["model"]
+        bs = int(batch_size or d["batch_size"])
+        float_cfg = FitConfig(epochs=f_epochs, batch_size=bs, lr=float(lr or d["lr"]), seed=seed)
+        ft_cfg = FitConfig(epochs=ft_epochs, batch_size=bs, lr=float(finetune_lr or d["finetune_lr"]), seed=seed)
+        at_options = {"eps": m_eps, "steps": at_steps, "alpha": 2.5 * m_eps / at_steps}
+        meta = {"dataset": dataset, "study": "dq"}
 
-    t_start = time.perf_counter()
-    d = {**_FALLBACK, **DATASET_DEFAULTS.get(dataset, {})}
-    if quick:
-        d.update(float_epochs=min(d["float_epochs"], 4), epochs=1, n_eval=64)
-    bits_l = _check_bits(bits if bits is not None else ((2, 32) if quick else DEFAULT_BITS))
-    betas_l = _check_betas(betas if betas is not None else ((3e-2,) if quick else DEFAULT_BETAS))
-    modes = _modes(quantize_weights)
-    eps_l = sorted({float(e) for e in (eps if eps is not None else d["eps"])})
-    if not eps_l or any(not 0 < e <= 1 for e in eps_l):
-        raise ConfigError(f"eps must be fractions of the pixel range in (0, 1], got {eps!r}")
-    m_eps = float(main_eps) if main_eps is not None else (d["main_eps"] if d["main_eps"] in eps_l else eps_l[-1])
-    if m_eps not in eps_l:
-        eps_l = sorted({*eps_l, m_eps})
-    if weights not in ("latent", "quantized"):
-        raise ConfigError(f"weights must be 'latent' or 'quantized', got {weights!r}")
-    QuantSpec(act_clip=act_clip)  # validates act_clip
-    budget = _QUICK if quick else _Budget()
-    ft_epochs = int(epochs if epochs is not None else d["epochs"])
-    f_epochs = int(float_epochs if float_epochs is not None else d["float_epochs"])
-    if ft_epochs < 1 or f_epochs < 1:
-        raise ConfigError("epochs and float_epochs must be ≥ 1")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(seed)
+        # ---------------------------------------------------------------- float parent and transfer source
+        if init is not None:
+            from qrobust import checkpoint as ckpt
+            from qrobust.quant import is_quantized
 
-    train = load_dataset(dataset, "train", root=data_dir)
-    test = load_dataset(dataset, "test", root=data_dir)
-    info = train.info
-    n = min(int(n_eval if n_eval is not None else d["n_eval"]), len(test))
-    ev = test.subset(n, seed=seed) if n < len(test) else test
-    x, y = ev.tensors()
-    input_shape = tuple(info.input_shape)
-    model_name = model or d["model"]
-    bs = int(batch_size or d["batch_size"])
-    float_cfg = FitConfig(epochs=f_epochs, batch_size=bs, lr=float(lr or d["lr"]), seed=seed)
-    ft_cfg = FitConfig(epochs=ft_epochs, batch_size=bs, lr=float(finetune_lr or d["finetune_lr"]), seed=seed)
-    at_options = {"eps": m_eps, "steps": at_steps, "alpha": 2.5 * m_eps / at_steps}
-    meta = {"dataset": dataset, "study": "dq"}
+            parent = ckpt.load(init)
+            if is_quantized(parent):
+                raise ConfigError(f"init={init} is a quantized checkpoint; the study fine-tunes from a float model")
+            parent_info = {"init": str(init)}
+        else:
+            log.info("training the float parent (%s, %d epochs)", model_name, f_epochs)
+            parent, h = _train(_build(model_name, info), train, objective="ce", cfg=float_cfg,
+                               out=out / "runs" / "float", resume=resume, metadata={**meta, "role": "float parent"})
+            parent_info = {"epochs": f_epochs, "history": h}
+        parent.eval()
+        log.info("training the independent float model (seed %d) as the transfer source", seed + 1)
+        from qrobust.models import build_model
 
-    # ---------------------------------------------------------------- float parent and transfer source
-    if init is not None:
-        from qrobust import checkpoint as ckpt
-        from qrobust.quant import is_quantized
+        torch.manual_seed(seed + 1)
+        indep, _ = _train(build_model(**parent.qrobust_arch), train, objective="ce",
+                          cfg=dataclasses.replace(float_cfg, seed=seed + 1), out=out / "runs" / "float-indep",
+                          resume=resume, metadata={**meta, "role": "transfer source"})
+        from qrobust.attacks import PGD
 
-        parent = ckpt.load(init)
-        if is_quantized(parent):
-            raise ConfigError(f"init={init} is a quantized checkpoint; the study fine-tunes from a float model")
-        parent_info = {"init": str(init)}
-    else:
-        log.info("training the float parent (%s, %d epochs)", model_name, f_epochs)
-        parent, h = _train(_build(model_name, info), train, objective="ce", cfg=float_cfg, out=out / "runs" / "float",
-                           resume=resume, metadata={**meta, "role": "float parent"})
-        parent_info = {"epochs": f_epochs, "history": h}
-    parent.eval()
-    log.info("training the independent float model (seed %d) as the transfer source", seed + 1)
-    from qrobust.models import build_model
+        transfer_adv = {e: PGD(indep, eps=e, alpha=e / 4, steps=budget.transfer_steps * 2, seed=seed,
+                               early_stop=False)(x, y) for e in eps_l}
 
-    torch.manual_seed(seed + 1)
-    indep, _ = _train(build_model(**parent.qrobust_arch), train, objective="ce",
-                      cfg=dataclasses.replace(float_cfg, seed=seed + 1), out=out / "runs" / "float-indep",
-                      resume=resume, metadata={**meta, "role": "transfer source"})
-    from qrobust.attacks import PGD
+        # ---------------------------------------------------------------- the grid of fine-tuned models
+        jobs: list[dict[str, Any]] = []
+        for mode in modes:
+            for b in bits_l:
+                if b == 32 and mode != modes[0]:
+                    continue  # the float models are shared by every mode
+                for at in ([False, True] if adversarial else [False]):
+                    for kind, beta in [("vanilla", None)] + [("dq", bt) for bt in betas_l]:
+                        jobs.append({"mode": "float" if b == 32 else mode, "bits": b, "kind": kind, "beta": beta,
+                                     "adversarial": at})
+        records: list[dict[str, Any]] = []
+        masks: dict[int, torch.Tensor] = {}
+        trained: dict[int, nn.Module] = {}
+        for i, job in enumerate(progress(jobs, desc="dq study", total=len(jobs))):
+            spec = _spec(job["mode"], job["bits"], act_clip)
+            tag = job["kind"] + ("" if job["beta"] is None else f"-{job['beta']:g}")
+            tag += "+at" if job["adversarial"] else ""
+            label = f"{'float' if spec is None else str(spec)} {tag}"
+            log.info("[%d/%d] fine-tuning %s", i + 1, len(jobs), label)
+            net = quantize(parent, spec) if spec is not None else copy.deepcopy(parent)
+            obj = _objective(job["kind"], job["beta"], adversarial=job["adversarial"], at_options=at_options,
+                             layers=layers, weights=weights)
+            run_dir = out / "runs" / job["mode"] / f"b{job['bits']}" / tag
+            net, hist = _train(net, train, objective=obj, cfg=ft_cfg, out=run_dir, resume=resume,
+                               metadata={**meta, "role": label, "init": "float parent"})
+            res, mask = _evaluate(net, x=x, y=y, eps_list=eps_l, main_eps=m_eps, parent=parent,
+                                  transfer_adv=transfer_adv, budget=budget, full_confirm=full_confirm, seed=seed)
+            stats = _model_stats(net, input_shape, quantized_weights=job["mode"] == "both")
+            grid_bits = job["bits"] if job["bits"] != 32 else None
+            na = min(budget.n_amp, len(y))
+            amp_common = amplification(net, x[:na], transfer_adv[m_eps][:na], bits=grid_bits or _ref_bits(bits_l),
+                                       alpha=act_clip)
+            per_grid = {}  # a float model's bucket statistics on every studied grid, for claim 2
+            if grid_bits is None:
+                for qb in (b for b in bits_l if b != 32):
+                    rows_b = amplification(net, x[:na], transfer_adv[m_eps][:na], bits=qb, alpha=act_clip)
+                    per_grid[str(qb)] = amplification_summary(rows_b)
+            amp_own = amplification_sweep(net, x[:na], y[:na], [m_eps], steps=budget.pgd_steps, seed=seed,
+                                          bits=grid_bits or _ref_bits(bits_l), alpha=act_clip)[0]
+            epoch_times = [r["epoch_time_s"] for r in hist]
+            rec = {
+                **job, "label": label, "spec": None if spec is None else spec.to_dict(),
+                "spec_str": "float" if spec is None else str(spec), "run": str(run_dir.relative_to(out)),
+                "objective": obj.config() if hasattr(obj, "config") else str(obj), **res, **stats,
+                "amplification": {"common": {"rows": amp_common, "summary": amplification_summary(amp_common),
+                                             "per_grid": per_grid},
+                                  "own": {"rows": amp_own["rows"], "summary": amp_own["summary"],
+                                          "adv_accuracy": amp_own["adv_accuracy"]}},
+                "epoch_time_s": statistics.median(epoch_times) if epoch_times else None,
+                "final_train_loss": hist[-1]["train_loss"] if hist else None,
+            }
+            records.append(rec)
+            masks[i] = mask
+            trained[i] = net
+            log.info("%s: clean %.3f, PGD %.3f, worst-case %.3f @ ε=%g, ‖WᵀW−I‖ %.3g, Lipschitz bound %.3g",
+                     label, rec["clean"], rec["pgd_main"], rec["robust_main"], m_eps, rec["ortho"]["total"],
+                     rec["lipschitz"]["bound"] or float("nan"))
 
-    transfer_adv = {e: PGD(indep, eps=e, alpha=e / 4, steps=budget.transfer_steps * 2, seed=seed,
-                           early_stop=False)(x, y) for e in eps_l}
-
-    # ---------------------------------------------------------------- the grid of fine-tuned models
-    jobs: list[dict[str, Any]] = []
-    for mode in modes:
-        for b in bits_l:
-            if b == 32 and mode != modes[0]:
-                continue  # the float models are shared by every mode
-            for at in ([False, True] if adversarial else [False]):
-                for kind, beta in [("vanilla", None)] + [("dq", bt) for bt in betas_l]:
-                    jobs.append({"mode": "float" if b == 32 else mode, "bits": b, "kind": kind, "beta": beta,
-                                 "adversarial": at})
-    records: list[dict[str, Any]] = []
-    masks: dict[int, torch.Tensor] = {}
-    trained: dict[int, nn.Module] = {}
-    for i, job in enumerate(progress(jobs, desc="dq study", total=len(jobs))):
-        spec = _spec(job["mode"], job["bits"], act_clip)
-        tag = job["kind"] + ("" if job["beta"] is None else f"-{job['beta']:g}") + ("+at" if job["adversarial"] else "")
-        label = f"{'float' if spec is None else str(spec)} {tag}"
-        log.info("[%d/%d] fine-tuning %s", i + 1, len(jobs), label)
-        net = quantize(parent, spec) if spec is not None else copy.deepcopy(parent)
-        obj = _objective(job["kind"], job["beta"], adversarial=job["adversarial"], at_options=at_options,
-                         layers=layers, weights=weights)
-        run_dir = out / "runs" / job["mode"] / f"b{job['bits']}" / tag
-        net, hist = _train(net, train, objective=obj, cfg=ft_cfg, out=run_dir, resume=resume,
-                           metadata={**meta, "role": label, "init": "float parent"})
-        res, mask = _evaluate(net, x=x, y=y, eps_list=eps_l, main_eps=m_eps, parent=parent,
-                              transfer_adv=transfer_adv, budget=budget, full_confirm=full_confirm, seed=seed)
-        stats = _model_stats(net, input_shape, quantized_weights=job["mode"] == "both")
-        grid_bits = job["bits"] if job["bits"] != 32 else None
-        na = min(budget.n_amp, len(y))
-        amp_common = amplification(net, x[:na], transfer_adv[m_eps][:na], bits=grid_bits or _ref_bits(bits_l),
-                                   alpha=act_clip)
-        per_grid = {}  # a float model's bucket statistics on every studied grid, for claim 2
-        if grid_bits is None:
-            for qb in (b for b in bits_l if b != 32):
-                rows_b = amplification(net, x[:na], transfer_adv[m_eps][:na], bits=qb, alpha=act_clip)
-                per_grid[str(qb)] = amplification_summary(rows_b)
-        amp_own = amplification_sweep(net, x[:na], y[:na], [m_eps], steps=budget.pgd_steps, seed=seed,
-                                      bits=grid_bits or _ref_bits(bits_l), alpha=act_clip)[0]
-        epoch_times = [r["epoch_time_s"] for r in hist]
-        rec = {
-            **job, "label": label, "spec": None if spec is None else spec.to_dict(),
-            "spec_str": "float" if spec is None else str(spec), "run": str(run_dir.relative_to(out)),
-            "objective": obj.config() if hasattr(obj, "config") else str(obj), **res, **stats,
-            "amplification": {"common": {"rows": amp_common, "summary": amplification_summary(amp_common),
-                                         "per_grid": per_grid},
-                              "own": {"rows": amp_own["rows"], "summary": amp_own["summary"],
-                                      "adv_accuracy": amp_own["adv_accuracy"]}},
-            "epoch_time_s": statistics.median(epoch_times) if epoch_times else None,
-            "final_train_loss": hist[-1]["train_loss"] if hist else None,
+        # ---------------------------------------------------------------- amplification figure and timing
+        ref_b = _ref_bits(bits_l)
+        amp_plot: dict[str, Any] = {}
+        if ref_b is not None:
+            na = min(budget.n_amp, len(y))
+            picks = _amplification_picks(records, modes[0], ref_b)
+            for lab, idx in picks.items():
+                amp_plot[lab] = amplification_sweep(trained[idx], x[:na], y[:na], eps_l, steps=budget.pgd_steps,
+                                                    seed=seed, bits=ref_b, alpha=act_clip)
+            plot_amplification(amp_plot, out / "amplification.png",
+                               title=f"error amplification, {dataset}, grid a{ref_b} (α={act_clip:g}), white-box PGD")
+        timing_spec = _spec(modes[0], ref_b, act_clip) if ref_b is not None else None
+        log.info("timing a DQ epoch against a vanilla QAT epoch (%s, %d interleaved repeats)",
+                 timing_spec, budget.timing_repeats)
+        timing = _epoch_timing(parent, timing_spec, train, ft_cfg, beta=betas_l[0], layers=layers, weights=weights,
+                               repeats=budget.timing_repeats, epochs_per_sample=budget.timing_epochs)
+        timing["fine_tune_median_epoch_s"] = {
+            "vanilla": _median([r["epoch_time_s"] for r in records if r["kind"] == "vanilla" and not r["adversarial"]
+                                and r["bits"] != 32]),
+            "dq": _median([r["epoch_time_s"] for r in records if r["kind"] == "dq" and not r["adversarial"]
+                           and r["bits"] != 32]),
         }
-        records.append(rec)
-        masks[i] = mask
-        trained[i] = net
-        log.info("%s: clean %.3f, PGD %.3f, worst-case %.3f @ ε=%g, ‖WᵀW−I‖ %.3g, Lipschitz bound %.3g",
-                 label, rec["clean"], rec["pgd_main"], rec["robust_main"], m_eps, rec["ortho"]["total"],
-                 rec["lipschitz"]["bound"] or float("nan"))
 
-    # ---------------------------------------------------------------- amplification figure and timing
-    ref_b = _ref_bits(bits_l)
-    amp_plot: dict[str, Any] = {}
-    if ref_b is not None:
-        na = min(budget.n_amp, len(y))
-        picks = _amplification_picks(records, modes[0], ref_b)
-        for lab, idx in picks.items():
-            amp_plot[lab] = amplification_sweep(trained[idx], x[:na], y[:na], eps_l, steps=budget.pgd_steps,
-                                                seed=seed, bits=ref_b, alpha=act_clip)
-        plot_amplification(amp_plot, out / "amplification.png",
-                           title=f"error amplification, {dataset}, grid a{ref_b} (α={act_clip:g}), white-box PGD")
-    timing_spec = _spec(modes[0], ref_b, act_clip) if ref_b is not None else None
-    log.info("timing a DQ epoch against a vanilla QAT epoch (%s, %d interleaved repeats)",
-             timing_spec, budget.timing_repeats)
-    timing = _epoch_timing(parent, timing_spec, train, ft_cfg, beta=betas_l[0], layers=layers, weights=weights,
-                           repeats=budget.timing_repeats, epochs_per_sample=budget.timing_epochs)
-    timing["fine_tune_median_epoch_s"] = {
-        "vanilla": _median([r["epoch_time_s"] for r in records if r["kind"] == "vanilla" and not r["adversarial"]
-                            and r["bits"] != 32]),
-        "dq": _median([r["epoch_time_s"] for r in records if r["kind"] == "dq" and not r["adversarial"]
-                       and r["bits"] != 32]),
-    }
-
-    claims = _claims(records, masks, modes=modes, bits=bits_l, betas=betas_l, adversarial=adversarial,
-                     timing=timing, n=len(y))
-    results = {
-        "format": "qrobust-dq-study/1",
-        "settings": {
-            "dataset": dataset, "model": parent.qrobust_arch["name"], "activation": "relu6", "act_clip": act_clip,
-            "bits": bits_l, "betas": betas_l, "quantize_weights": modes, "adversarial": adversarial,
-            "at": at_options if adversarial else None, "float_epochs": f_epochs if init is None else None,
-            "epochs": ft_epochs, "fit": ft_cfg.to_dict(), "n_eval": len(y), "eps": eps_l, "main_eps": m_eps,
-            "layers": layers if isinstance(layers, str) else list(layers), "weights": weights,
-            "budget": dataclasses.asdict(budget), "full_confirm": full_confirm, "quick": quick, "seed": seed,
-            "threads": torch.get_num_threads(),
-        },
-        "parent": parent_info,
-        "models": records,
-        "claims": claims,
-        "timing": timing,
-        "amplification_plot": {"bits": ref_b, "models": amp_plot},
-        "wall_time_s": time.perf_counter() - t_start,
-    }
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default))
-    _plot_vs_bits(records, out, bits=bits_l, betas=betas_l, modes=modes, main_eps=m_eps)
-    atomic_write_text(out / "report.md", _report(results))
-    log.info("DQ study written to %s (%.0f s)", out, results["wall_time_s"])
-    return results
+        claims = _claims(records, masks, modes=modes, bits=bits_l, betas=betas_l, adversarial=adversarial,
+                         timing=timing, n=len(y))
+        results = {
+            "format": "qrobust-dq-study/1",
+            "settings": {
+                "dataset": dataset, "model": parent.qrobust_arch["name"], "activation": "relu6", "act_clip": act_clip,
+                "bits": bits_l, "betas": betas_l, "quantize_weights": modes, "adversarial": adversarial,
+                "at": at_options if adversarial else None, "float_epochs": f_epochs if init is None else None,
+                "epochs": ft_epochs, "fit": ft_cfg.to_dict(), "n_eval": len(y), "eps": eps_l, "main_eps": m_eps,
+                "layers": layers if isinstance(layers, str) else list(layers), "weights": weights,
+                "budget": dataclasses.asdict(budget), "full_confirm": full_confirm, "quick": quick, "seed": seed,
+                "threads": torch.get_num_threads(),
+            },
+            "parent": parent_info,
+            "models": records,
+            "claims": claims,
+            "timing": timing,
+            "amplification_plot": {"bits": ref_b, "models": amp_plot},
+            "wall_time_s": time.perf_counter() - t_start,
+        }
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default))
+        _plot_vs_bits(records, out, bits=bits_l, betas=betas_l, modes=modes, main_eps=m_eps)
+        atomic_write_text(out / "report.md", _report(results))
+        log.info("DQ study written to %s (%.0f s)", out, results["wall_time_s"])
+        return results
 
 
 def _json_default(o: Any) -> Any:

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import ConfigError
-from qrobust.studies import SMALL_IMAGE_DATASETS
+from qrobust.studies import study_threads
 
 log = logging.getLogger(__name__)
 
@@ -269,20 +269,11 @@ def run_odgq_study(
     tests; ``resume`` continues the run folders under ``out/runs``; ``threads`` — torch intra-op threads
     (``"auto"``: 1 on digits, whose 8×8 images gain nothing from more).
     """
-    if threads == "auto":
-        threads = 1 if dataset in SMALL_IMAGE_DATASETS else None
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"threads must be a positive integer, 'auto' or None, got {threads!r}")
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with study_threads(threads, dataset) as n_threads:
         return _run(dataset=dataset, model=model, bits=bits, recipes=recipes, epochs=epochs, out=Path(out),
                     n_eval=n_eval, n_train=n_train, eps=eps, batch_size=batch_size, lr=lr,
                     recipe_options=dict(recipe_options or {}), quick=quick, seed=seed, data_dir=data_dir,
-                    resume=resume, threads=torch.get_num_threads())
-    finally:
-        torch.set_num_threads(old)
+                    resume=resume, threads=n_threads)
 
 
 def _run(*, dataset: str, model: str | None, bits: Sequence[int], recipes: Sequence[str], epochs: int | None,
