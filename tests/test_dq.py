@@ -116,6 +116,23 @@ def test_batched_groups_match_per_layer_computation():
     assert pen(model).item() == pytest.approx(0.25 * float(res.detach().sum()), rel=1e-12)
 
 
+def test_penalty_under_bf16_autocast_is_the_fp32_penalty():
+    # regression: under autocast the Gram matmul ran in bf16 and the backward then mixed dtypes (a crash)
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    pen = OrthogonalityPenalty(3e-2)
+    ref = pen(model)
+    ref.backward()
+    g_ref = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        val = pen(model)
+    val.backward()
+    g = [p.grad for p in model.parameters() if p.grad is not None]
+    assert val.dtype == torch.float32 and float(val) == float(ref)
+    assert len(g) == len(g_ref) and all(torch.equal(a, b) for a, b in zip(g, g_ref))
+
+
 # ------------------------------------------------------------------------------------------ options
 def test_hidden_layers_exclude_first_and_last():
     model = _digits()

@@ -120,7 +120,8 @@ class _GramResidualSq(torch.autograd.Function):
     def forward(ctx: Any, mats: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         m, n = mats.shape[-2:]
         wide = m <= n
-        g = mats @ mats.transpose(-2, -1) if wide else mats.transpose(-2, -1) @ mats
+        with _no_autocast(mats):
+            g = mats @ mats.transpose(-2, -1) if wide else mats.transpose(-2, -1) @ mats
         g.diagonal(dim1=-2, dim2=-1).sub_(1.0)  # g is now G − I
         ctx.save_for_backward(mats, g)
         ctx.wide = wide
@@ -132,6 +133,13 @@ class _GramResidualSq(torch.autograd.Function):
         mats, d = ctx.saved_tensors
         gw = d @ mats if ctx.wide else mats @ d
         return gw * (4.0 * grad).reshape(-1, 1, 1)
+
+
+def _no_autocast(t: torch.Tensor) -> Any:
+    """The Gram matrices in the weights' own precision even under bf16 autocast: ``G − I`` is a small
+    difference of numbers near 1, which bfloat16's 8-bit mantissa would round away, and the backward pass
+    (run outside autocast) must see the dtype the forward saved."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 class _PenaltySum(torch.autograd.Function):
@@ -152,7 +160,8 @@ class _PenaltySum(torch.autograd.Function):
             mats = weights[idx[0]].reshape(1, m, n) if len(idx) == 1 else torch.stack(
                 [weights[i].reshape(m, n) for i in idx])
             wide = m <= n
-            d = mats @ mats.transpose(-2, -1) if wide else mats.transpose(-2, -1) @ mats
+            with _no_autocast(mats):
+                d = mats @ mats.transpose(-2, -1) if wide else mats.transpose(-2, -1) @ mats
             d.diagonal(dim1=-2, dim2=-1).sub_(1.0)
             total += d.square().sum()
             saved.append((idx, mats, d, wide))
