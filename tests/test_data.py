@@ -809,3 +809,22 @@ def test_real_cifar10_jpeg_test_split():
     assert set(ds.labels[:100].tolist()) == set(range(10))  # interleaved: a small prefix has every class
     mean = (ds.images.double() / 255).mean(dim=(0, 2, 3))
     assert torch.allclose(mean, torch.tensor(ds.info.mean, dtype=torch.float64), atol=0.02)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), padding=st.integers(0, 3), n=st.integers(1, 5))
+def test_crop_flip_params_reproduce_the_augmentation_and_paste_inverts_crop(seed, padding, n):
+    from qrobust.data.transforms import crop_flip_params, random_crop_flip
+
+    x = torch.rand(n, 2, 5, 6, generator=torch.Generator().manual_seed(seed))
+    out, cf = random_crop_flip(x, padding, torch.Generator().manual_seed(seed), return_params=True)
+    again = crop_flip_params(n, padding, torch.Generator().manual_seed(seed))
+    assert torch.equal(cf.offsets, again.offsets) and torch.equal(cf.flip, again.flip)
+    assert torch.equal(out, cf.crop(cf.pad(x)))
+    frame = torch.rand(n, 2, 5 + 2 * padding, 6 + 2 * padding)
+    views = torch.rand(n, 2, 5, 6)
+    pasted = cf.paste(frame, views)
+    assert torch.equal(cf.crop(pasted), views)  # paste writes exactly where crop reads
+    untouched = cf.paste(torch.zeros_like(frame), torch.ones_like(views)) == 0
+    assert torch.equal(pasted[untouched], frame[untouched])  # and nowhere else
+    assert int((~untouched).sum()) == n * 2 * 5 * 6

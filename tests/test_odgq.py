@@ -20,6 +20,7 @@ from qrobust.defenses.odgq import OdgQ, PerturbationBank, dg_combine, image_fing
 from qrobust.defenses.perturb import ce_per_sample, linf_perturb
 from qrobust.errors import ConfigError
 from qrobust.quant import quantization_disabled
+from qrobust.training import FitConfig
 
 EPS = 0.2
 
@@ -177,6 +178,54 @@ def test_carried_perturbation_is_used_on_the_next_visit() -> None:
     assert torch.equal(model2.inputs[0], model.inputs[1])
 
 
+def test_carried_perturbation_follows_its_image_through_crop_and_flip() -> None:
+    from qrobust.data import BatchView
+    from qrobust.data.transforms import CropFlip
+
+    g = torch.Generator().manual_seed(5)
+    img = torch.randint(0, 256, (2, 1, 4, 4), generator=g).float() / 255
+    y = torch.tensor([1, 3])
+    index = torch.tensor([7, 42])
+    views = [CropFlip(torch.tensor([[0, 2], [1, 0]]), torch.tensor([False, True]), padding=1),
+             CropFlip(torch.tensor([[2, 1], [0, 2]]), torch.tensor([True, False]), padding=1)]
+    model = Recorder(_net(4))
+    obj = OdgQ(eps=EPS, craft_fraction=0.0)
+    frame = None
+    for cf in views:
+        x = cf.crop(cf.pad(img))
+        obj.set_batch_view(BatchView(index, cf))
+        loss, _ = obj(model, x, y)
+        if frame is not None:  # the second visit trains at the stored frame seen through the new window
+            assert (model.inputs[-1] - (x + cf.crop(frame)).clamp(0, 1)).abs().max() <= 1e-6
+        loss.backward()
+        obj.flush()
+        frame, found = obj.bank.get(index, cf.pad(img))
+        assert found.all() and frame.shape == (2, 1, 6, 6)
+        # what was stored, seen through this visit's window, is the perturbation just trained at, advanced
+        # one carry step (so it differs from it by at most carry_alpha and stays in the ball), up to the
+        # bank's int8 resolution radius/127
+        res = obj.radius / 127 + 1e-6
+        trained = model.inputs[-1] - x
+        step = cf.crop(frame) - trained
+        assert step.abs().max() <= obj.carry_alpha + res and cf.crop(frame).abs().max() <= obj.radius + 1e-6
+        assert step.abs().max() > 0
+
+
+def test_fit_hands_indices_so_augmented_data_keeps_the_bank() -> None:
+    from qrobust.data import ArrayDataset, dataset_info
+
+    g = torch.Generator().manual_seed(0)
+    ds = ArrayDataset(torch.randint(0, 256, (48, 3, 32, 32), generator=g, dtype=torch.uint8),
+                      torch.randint(0, 10, (48,), generator=g), dataset_info("cifar10"), split="train")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    obj = OdgQ(eps=8 / 255)
+    res = fit(net, ds, objective=obj, config=FitConfig(epochs=3, batch_size=16, lr=0.01, augment=True))
+    rates = [h["odgq_bank_hit_rate"] for h in res.history]
+    assert rates == [0.0, 1.0, 1.0]  # every image found again in later epochs despite crop+flip
+    assert obj.bank_enabled and len(obj.bank) == 48
+
+
 def test_augmented_data_switches_the_bank_off(caplog) -> None:
     model = _net()
     obj = OdgQ(eps=EPS)
@@ -294,3 +343,14 @@ def test_study_writes_report_json_and_plots(tmp_path) -> None:
         assert all(0 <= v <= r["clean"] for v in r["attacks"].values())
     assert res["claims"]["4"]["odgq_epoch_time_ratio"] == rows["odgq"]["epoch_time_ratio"] > 0
     assert (out / "runs" / "w4a4-odgq" / "metrics.jsonl").exists()
+
+
+def test_sum_with_a_penalty_keeps_the_loop_hooks_of_odgq() -> None:
+    from qrobust.defenses import OrthogonalityPenalty, Sum
+
+    obj = Sum(OdgQ(eps=EPS), OrthogonalityPenalty(1e-3))
+    for hook in ("on_epoch_start", "set_batch_view", "state_dict", "load_state_dict", "callback"):
+        assert getattr(obj, hook).__self__ is obj.main
+    assert not hasattr(Sum(make_objective("ce"), OrthogonalityPenalty(1e-3)), "set_batch_view")
+    with pytest.raises(AttributeError):
+        obj.not_a_hook  # noqa: B018

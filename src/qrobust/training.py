@@ -2,6 +2,9 @@
 
 ``fit(model, train, objective=...)`` knows only ``objective(model, x, y) -> loss`` (or ``(loss, logits)``).
 Natural training, the Defensive-Quantization penalty, adversarial training and ODG-Q are all objectives.
+Optional hooks an objective may have: ``on_epoch_start(epoch)``, ``set_batch_view(view)`` (called before
+each step with the loader's :class:`~qrobust.data.BatchView` — dataset indices and augmentation — or None),
+``state_dict()``/``load_state_dict()`` (saved with every epoch checkpoint) and ``callback(record, model)``.
 
 A run folder (``out=``) holds::
 
@@ -151,6 +154,7 @@ class TensorBatches:
     ) -> None:
         self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.batch_view: Any = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -169,9 +173,12 @@ class TensorBatches:
         return math.ceil(len(self.y) // self.world_size / self.batch_size)
 
     def __iter__(self):
+        from qrobust.data import BatchView
+
         idx = self._indices()
         for i in range(0, len(idx), self.batch_size):
             j = idx[i : i + self.batch_size]
+            self.batch_view = BatchView(j)
             yield self.x[j], self.y[j]
 
 
@@ -433,6 +440,7 @@ def fit(
         n_batches = min(n_batches, cfg.max_batches)
     total_steps = cfg.epochs * (n_batches or 1)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    set_view = getattr(obj, "set_batch_view", None)  # objectives with per-sample state (ODG-Q's bank)
 
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(batches, "set_epoch"):
@@ -452,6 +460,8 @@ def fit(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cfg.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if set_view is not None:
+                set_view(getattr(batches, "batch_view", None))
             with autocast:
                 loss, logits = split_output(obj(net, x, y))
             if not torch.isfinite(loss):

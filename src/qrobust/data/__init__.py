@@ -12,12 +12,13 @@
 from qrobust.data import transforms
 from qrobust.data.cache import default_cache_dir
 from qrobust.data.dataset import ArrayDataset, DatasetInfo
-from qrobust.data.loader import BatchLoader
+from qrobust.data.loader import BatchLoader, BatchView
 from qrobust.data.registry import available_datasets, data_dirs, dataset_info, load_dataset
 
 __all__ = [
     "ArrayDataset",
     "BatchLoader",
+    "BatchView",
     "DatasetInfo",
     "available_datasets",
     "data_dirs",

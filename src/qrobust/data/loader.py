@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 
@@ -9,12 +10,26 @@ import numpy as np
 import torch
 
 from qrobust.data.dataset import ArrayDataset
-from qrobust.data.transforms import random_crop_flip
+from qrobust.data.transforms import CropFlip, crop_flip_params
 from qrobust.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 AUGMENT_PADDING = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchView:
+    """Where the batch a loader just yielded came from: each image's dataset ``index`` (N,) and, when it
+    was augmented, the :class:`~qrobust.data.transforms.CropFlip` applied (else None).
+
+    Loaders expose it as ``loader.batch_view`` while the batch is in use; :func:`qrobust.fit` hands it to
+    objectives that keep per-sample state (``objective.set_batch_view``), such as ODG-Q's carried
+    perturbations.
+    """
+
+    index: torch.Tensor
+    augment: CropFlip | None = None
 
 
 def _is_int(v: object) -> bool:
@@ -33,6 +48,7 @@ class BatchLoader:
     * ``augment``: random crop (zero padding 4) + horizontal flip, only for 3×32×32 datasets; for anything
       else (digits, MNIST) it does nothing, since flipping corrupts digits.
     * ``device``: if given, the uint8 tensors are moved there once and batches are produced there.
+    * ``batch_view``: a :class:`BatchView` of the batch last yielded (dataset indices, augmentation).
     """
 
     def __init__(
@@ -77,6 +93,7 @@ class BatchLoader:
             )
         self._images: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
+        self.batch_view: BatchView | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose shuffle (and augmentation) the next iteration uses."""
@@ -133,6 +150,9 @@ class BatchLoader:
         for start in range(0, idx.numel(), self.batch_size):
             b = idx[start : start + self.batch_size]
             x = images.index_select(0, b)
+            cf = None
             if gen is not None:
-                x = random_crop_flip(x, padding=AUGMENT_PADDING, generator=gen)
+                cf = crop_flip_params(b.numel(), AUGMENT_PADDING, gen)
+                x = cf.crop(cf.pad(x))
+            self.batch_view = BatchView(b.cpu(), cf)
             yield x.to(torch.float32).div_(255.0), labels.index_select(0, b)

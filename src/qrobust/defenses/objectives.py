@@ -54,6 +54,9 @@ class CrossEntropy:
         return {"name": self.name, "label_smoothing": self.label_smoothing}
 
 
+_HOOKS = ("on_epoch_start", "set_batch_view", "state_dict", "load_state_dict", "callback", "recommended_fit")
+
+
 class Sum:
     """``main(model, x, y) + Σ regularizer(model)``: a loss plus model-only penalties."""
 
@@ -67,6 +70,12 @@ class Sum:
         for reg in self.regularizers:
             loss = loss + reg(model)
         return loss, logits
+
+    def __getattr__(self, name: str) -> Any:
+        # the loop's optional hooks (per-epoch, per-batch, state, metrics) belong to the main objective
+        if name in _HOOKS and "main" in self.__dict__:
+            return getattr(self.__dict__["main"], name)
+        raise AttributeError(name)
 
     def config(self) -> dict[str, Any]:
         def cfg(o: Any) -> Any:

@@ -33,10 +33,14 @@ the domains in a slightly larger ball (1.25ε) compensates. On digits at w4a4 (�
 APGD accuracy at ε from 52 % to 56 %, PGD-AT's level (FGSM-RS trained at 1.25ε gains too, from 46 % to 52 %);
 see ``docs/odgq.md``. ``radius_scale=1`` trains exactly at ε.
 
-Carried perturbations are kept per sample in a :class:`PerturbationBank` keyed by an exact fingerprint of
-the image (the loop hands objectives no sample indices). A sample seen for the first time starts from a
-uniform random point of the ball. With data augmentation an image never repeats exactly; the bank then
-misses, switches itself off after two epochs (logged) and the carried domain is that random start.
+Carried perturbations are kept per sample in a :class:`PerturbationBank` keyed by the sample's dataset
+index, which :func:`qrobust.fit` hands over before each step (``set_batch_view``). Under crop+flip
+augmentation a perturbation is stored in the zero-padded, un-augmented frame of its image: on each visit it
+is cropped and flipped like the image, and the updated view is pasted back after the step, so it follows
+the image from epoch to epoch (ATTA's trick). A sample seen for the first time starts from a uniform random
+point of the ball. With a loader of your own (no indices) images are matched by an exact fingerprint of
+their pixels instead; augmented images then never repeat, the bank switches itself off after two epochs
+(logged) and the carried domain is a random start.
 
 The domain-generalization loss over the per-domain mean cross-entropies ``L_d`` (``dg``):
 
@@ -284,6 +288,7 @@ class OdgQ(AdversarialObjective):
             raise ConfigError(f"bank_capacity must be a positive integer, got {bank_capacity!r}")
         self._bank = PerturbationBank(self.radius, capacity=bank_capacity)
         self._pending: dict[str, Any] | None = None
+        self._view: Any = None
         self._step = 0
         self._stats: dict[str, Any] = {}
 
@@ -357,25 +362,44 @@ class OdgQ(AdversarialObjective):
             g = _view(p["sign"].to(g.dtype), g) * g
         x = p["x"]
         x_new = clip_linf(p["x_train"].detach() + self.carry_alpha * g.sign(), x, self.radius)
-        self._bank.put(p["keys"], x_new - x)
+        delta = x_new - x
+        cf = p.get("crop_flip")
+        self._bank.put(p["keys"], delta if cf is None else cf.paste(p["frame"], delta))
 
-    def _carried(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each sample's carried perturbation (a uniform random start where there is none) and the keys."""
+    def set_batch_view(self, view: Any) -> None:
+        """Called by :func:`qrobust.fit` before each step with the loader's
+        :class:`~qrobust.data.BatchView` (or None): the next batch's dataset indices key the carried
+        perturbations, and under crop+flip augmentation each is kept in the zero-padded, un-augmented frame
+        — cropped and flipped like its image on every visit and pasted back after the step — so it follows
+        the image across epochs. Without a view (a loader of your own) images are matched by
+        :func:`image_fingerprint`, which augmented images never repeat."""
+        self._view = view
+
+    def _carried(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Each sample's carried perturbation (a uniform random start where there is none), and how to
+        store it back: ``keys`` and, for augmented batches, the padded ``frame`` and its ``crop_flip``."""
+        view, self._view = self._view, None
         if not self.bank_enabled:
-            return random_delta(x, self.radius), None
-        keys = image_fingerprint(x)
-        delta, found = self._bank.get(keys, x)
+            return random_delta(x, self.radius), {"keys": None}
+        if view is None or view.index.numel() != x.shape[0]:
+            keys, cf = image_fingerprint(x), None
+        else:
+            keys, cf = view.index.to(torch.int64), view.augment
+        like = x if cf is None else cf.pad(x)
+        delta, found = self._bank.get(keys, like)
         self._count("lookups", x.shape[0])
         self._count("hits", found.sum())
         if not bool(found.all()):
-            delta = torch.where(_view(found, x), delta, random_delta(x, self.radius))
-        return delta, keys
+            delta = torch.where(_view(found, like), delta, random_delta(like, self.radius))
+        if cf is None:
+            return delta, {"keys": keys}
+        return cf.crop(delta), {"keys": keys, "frame": delta, "crop_flip": cf}
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.flush()
         x = x.detach()
         n = x.shape[0]
-        delta, keys = self._carried(x)
+        delta, store = self._carried(x)
         n_fresh = int(round(self.craft_fraction * n)) if self._step % self.craft_every == 0 else 0
         fresh = None
         if n_fresh > 0:
@@ -408,7 +432,7 @@ class OdgQ(AdversarialObjective):
             for dom, loss, count in ((CARRIED, dom_losses[0], n - n_fresh), (name, dom_losses[1], n_fresh)):
                 self._count(f"sum_{dom}", loss.detach() * count)
                 self._count(f"n_{dom}", count)
-        self._pending = {"x_train": x_train, "x": x, "keys": keys, "sign": sign}
+        self._pending = {"x_train": x_train, "x": x, "sign": sign, **store}
         return total, logits
 
 
