@@ -150,11 +150,25 @@ def test_train_dq_objective_and_analyze(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_study_dq_quick(capsys, tmp_path):
-    code, out, err = _run(capsys, "study", "dq", "--quick", "--out", str(tmp_path / "dq"))
+    code, out, err = _run(capsys, "study", "dq", "--quick", "--n-train", "600", "--source-epochs", "1", "--bf16",
+                          "--budget", '{"timing_batches": 3, "square_queries": 20}', "--out", str(tmp_path / "dq"))
     assert code == 0, err
     res = json.loads((tmp_path / "dq" / "results.json").read_text())
     assert "claims" in json.dumps(res)
+    st = res["settings"]
+    assert st["n_train"] == 600 and st["source_epochs"] == 1 and st["fit"]["bf16"] is True
+    assert st["budget"]["timing_batches"] == 3 and st["budget"]["square_queries"] == 20
     assert (tmp_path / "dq" / "report.md").exists()
+
+
+@pytest.mark.parametrize("budget, words", [('{"square_querie": 3}', "unknown budget fields ['square_querie']"),
+                                           ('{"pgd_steps": 0}', "pgd_steps must be a positive integer"),
+                                           ("[1]", "--budget must be a JSON object")])
+def test_study_rejects_a_bad_budget_before_training(capsys, tmp_path, budget, words):
+    for study in ("dq", "odgq"):
+        code, _, err = _run(capsys, "study", study, "--quick", "--budget", budget, "--out", str(tmp_path / study))
+        assert code in (1, 2) and words in err and "Traceback" not in err
+        assert not (tmp_path / study / "runs").exists()
 
 
 def test_train_fgsm_rs_with_overfitting_guard(capsys, tmp_path):
@@ -171,7 +185,22 @@ def test_train_fgsm_rs_with_overfitting_guard(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_study_odgq_quick(capsys, tmp_path):
+    from qrobust import build_model, checkpoint, quantize
+
+    init = tmp_path / "float.safetensors"
+    checkpoint.save(build_model("digits_cnn", in_channels=1, input_size=8, activation="relu6"), init)
     code, _, err = _run(capsys, "study", "odgq", "--quick", "--bits", "4", "--recipes", "fgsm-rs,odgq", "--epochs", "1",
-                        "--n-eval", "32", "--out", str(tmp_path / "odgq"))
+                        "--n-eval", "32", "--init", str(init), "--lr", "0.02", "--bf16", "--budget",
+                        '{"at_steps": 2, "timing_batches": 3}', "--out", str(tmp_path / "odgq"))
     assert code == 0, err
-    assert (tmp_path / "odgq" / "report.md").exists() and (tmp_path / "odgq" / "results.json").exists()
+    assert (tmp_path / "odgq" / "report.md").exists()
+    res = json.loads((tmp_path / "odgq" / "results.json").read_text())
+    st = res["settings"]
+    assert st["init"] == str(init) and st["fit"]["lr"] == 0.02 and st["fit"]["bf16"] is True
+    assert st["budget"]["at_steps"] == 2 and res["cost"]["4"]["batches_per_epoch"] == 3
+    assert "float checkpoint" in (tmp_path / "odgq" / "report.md").read_text()
+    # a quantized checkpoint cannot be the starting point
+    q = tmp_path / "q.safetensors"
+    checkpoint.save(quantize(build_model("digits_cnn", in_channels=1, input_size=8), "w4a4"), q)
+    code, _, err = _run(capsys, "study", "odgq", "--quick", "--init", str(q), "--out", str(tmp_path / "bad"))
+    assert code == 2 and "quantized checkpoint" in err

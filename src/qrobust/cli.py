@@ -385,6 +385,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         "quick": args.quick,
         "seed": args.seed,
         "resume": args.resume,
+        "n_train": args.n_train,
+        "budget": _json_option(args.budget, "--budget"),
+        "bf16": args.bf16,
     }
     if args.name == "dq":
         from qrobust.studies.dq import run_dq_study
@@ -399,6 +402,8 @@ def cmd_study(args: argparse.Namespace) -> int:
             adversarial=args.adversarial,
             init=args.init,
             full_confirm=args.full_confirm,
+            float_epochs=args.float_epochs,
+            source_epochs=args.source_epochs,
         )
     else:
         from qrobust.studies.odgq import run_odgq_study
@@ -409,7 +414,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                 "bits": bits,
                 "eps": eps[0] if eps else None,
                 "recipes": tuple(args.recipes.split(",")) if args.recipes else None,
-                "n_train": args.n_train,
+                "init": args.init,
+                "lr": args.lr,
             }.items()
             if v is not None
         }
@@ -545,10 +551,17 @@ def make_parser() -> argparse.ArgumentParser:
     st.add_argument("--betas", default=None, help="dq: β values, e.g. 3e-4,3e-3,3e-2")
     st.add_argument("--quantize-weights", default="act-only", help="dq: act-only | both | act-only,both")
     st.add_argument("--adversarial", action="store_true", help="dq: combine with PGD adversarial training")
-    st.add_argument("--init", default=None, help="dq: float parent checkpoint to fine-tune from")
+    st.add_argument("--init", default=None, help="float checkpoint every model is fine-tuned from")
+    st.add_argument("--lr", type=float, default=None, help="odgq: learning rate (default per dataset)")
     st.add_argument("--full-confirm", action="store_true", help="dq: the quantized suite at full budgets with SPSA")
     st.add_argument("--recipes", default=None, help="odgq: subset of natural,fgsm-rs,pgd-at,trades,odgq")
-    st.add_argument("--n-train", type=int, default=None, help="odgq: train on a random subset")
+    st.add_argument("--n-train", type=int, default=None, help="train (dq: fine-tune) on a random subset")
+    st.add_argument("--float-epochs", type=int, default=None, help="dq: epochs of the float parent")
+    st.add_argument("--source-epochs", type=int, default=None,
+                    help="dq: epochs of the independent float transfer source (default: --float-epochs)")
+    st.add_argument("--budget", default=None,
+                    help='attack/timing budgets as JSON, e.g. \'{"square_queries": 300, "timing_batches": 40}\'')
+    st.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast")
     st.add_argument("--epochs", type=int, default=None)
     st.add_argument("--eps", default=None, help="L∞ ε on the 0–255 scale (dq: a list)")
     st.add_argument("--n-eval", type=int, default=None, help="test images evaluated")
@@ -589,6 +602,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qrobust: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under torchrun, ``fit`` joined a process group; leave it together before the process exits. Exiting
+    with it open let a rank abort in gloo's teardown ("terminate called without an active exception")
+    while the machine was loaded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import ConfigError
-from qrobust.studies import study_threads
+from qrobust.studies import override_budget, study_threads
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class _Budget:
     timing_repeats: int = 5
     timing_epochs: int = 3
     n_amp: int = 200
+    timing_batches: int | None = None  # per timed epoch (None: the whole training set)
 
 
 _QUICK = _Budget(pgd_steps=5, apgd_iter=10, target_classes=2, square_queries=100, transfer_steps=5,
@@ -404,6 +405,8 @@ def run_dq_study(
     adversarial: bool = False,
     epochs: int | None = None,
     float_epochs: int | None = None,
+    source_epochs: int | None = None,
+    n_train: int | None = None,
     out: str | Path = "runs/dq-study",
     data_dir: str | Path | None = None,
     n_eval: int | None = None,
@@ -419,6 +422,8 @@ def run_dq_study(
     at_steps: int = 5,
     full_confirm: bool = False,
     quick: bool = False,
+    budget: dict[str, Any] | None = None,
+    bf16: bool = False,
     resume: bool = False,
     seed: int = 0,
     threads: int | str | None = "auto",
@@ -429,7 +434,11 @@ def run_dq_study(
     ("act-only" = ``w32a{b}``, the paper's setting; "both" = ``w{b}a{b}``; or both), ``adversarial``
     (repeat every recipe with PGD-``at_steps`` adversarial training at the main ε). ``epochs`` is the
     fine-tuning budget of every compared model, ``float_epochs`` that of the parent (skipped with
-    ``init=``, a float checkpoint). ``eps`` are fractions of the pixel range; ``main_eps`` (one of them)
+    ``init=``, a float checkpoint) and ``source_epochs`` (default ``float_epochs``) that of the
+    independent float model that crafts the transfer attacks; ``n_train`` fine-tunes (and trains the
+    source) on a class-mixed random subset of the training set; ``bf16`` trains under bfloat16 autocast.
+    ``budget`` overrides attack and timing budgets by name (``{"square_queries": 300, "timing_batches":
+    40}``; unknown names are an error). ``eps`` are fractions of the pixel range; ``main_eps`` (one of them)
     is where the full attack suite runs. ``layers``/``weights`` configure the penalty
     (:class:`~qrobust.defenses.OrthogonalityPenalty`). ``quick`` shrinks the defaults (bits 2 and 32, one
     β, a few epochs, 64 samples, smaller attack budgets) for smoke tests. Returns the results dict that
@@ -467,17 +476,22 @@ def run_dq_study(
         if weights not in ("latent", "quantized"):
             raise ConfigError(f"weights must be 'latent' or 'quantized', got {weights!r}")
         QuantSpec(act_clip=act_clip)  # validates act_clip
-        budget = _QUICK if quick else _Budget()
+        budget = override_budget(_QUICK if quick else _Budget(), budget)
         ft_epochs = int(epochs if epochs is not None else d["epochs"])
         f_epochs = int(float_epochs if float_epochs is not None else d["float_epochs"])
-        if ft_epochs < 1 or f_epochs < 1:
-            raise ConfigError("epochs and float_epochs must be ≥ 1")
+        s_epochs = int(source_epochs if source_epochs is not None else f_epochs)
+        if ft_epochs < 1 or f_epochs < 1 or s_epochs < 1:
+            raise ConfigError("epochs, float_epochs and source_epochs must be ≥ 1")
+        if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1):
+            raise ConfigError(f"n_train must be a positive integer, got {n_train!r}")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         seed_everything(seed)
 
         train = load_dataset(dataset, "train", root=data_dir)
         test = load_dataset(dataset, "test", root=data_dir)
+        if n_train is not None and n_train < len(train):
+            train = train.subset(n_train, seed=seed)
         info = train.info
         n = min(int(n_eval if n_eval is not None else d["n_eval"]), len(test))
         ev = test.subset(n, seed=seed) if n < len(test) else test
@@ -485,8 +499,9 @@ def run_dq_study(
         input_shape = tuple(info.input_shape)
         model_name = model or d["model"]
         bs = int(batch_size or d["batch_size"])
-        float_cfg = FitConfig(epochs=f_epochs, batch_size=bs, lr=float(lr or d["lr"]), seed=seed)
-        ft_cfg = FitConfig(epochs=ft_epochs, batch_size=bs, lr=float(finetune_lr or d["finetune_lr"]), seed=seed)
+        float_cfg = FitConfig(epochs=f_epochs, batch_size=bs, lr=float(lr or d["lr"]), seed=seed, bf16=bf16)
+        ft_cfg = FitConfig(epochs=ft_epochs, batch_size=bs, lr=float(finetune_lr or d["finetune_lr"]), seed=seed,
+                           bf16=bf16)
         at_options = {"eps": m_eps, "steps": at_steps, "alpha": 2.5 * m_eps / at_steps}
         meta = {"dataset": dataset, "study": "dq"}
 
@@ -510,7 +525,8 @@ def run_dq_study(
 
         torch.manual_seed(seed + 1)
         indep, _ = _train(build_model(**parent.qrobust_arch), train, objective="ce",
-                          cfg=dataclasses.replace(float_cfg, seed=seed + 1), out=out / "runs" / "float-indep",
+                          cfg=dataclasses.replace(float_cfg, seed=seed + 1, epochs=s_epochs),
+                          out=out / "runs" / "float-indep",
                           resume=resume, metadata={**meta, "role": "transfer source"})
         from qrobust.attacks import PGD
 
@@ -589,7 +605,8 @@ def run_dq_study(
         timing_spec = _spec(modes[0], ref_b, act_clip) if ref_b is not None else None
         log.info("timing a DQ epoch against a vanilla QAT epoch (%s, %d interleaved repeats)",
                  timing_spec, budget.timing_repeats)
-        timing = _epoch_timing(parent, timing_spec, train, ft_cfg, beta=betas_l[0], layers=layers, weights=weights,
+        timing_cfg = dataclasses.replace(ft_cfg, max_batches=budget.timing_batches)
+        timing = _epoch_timing(parent, timing_spec, train, timing_cfg, beta=betas_l[0], layers=layers, weights=weights,
                                repeats=budget.timing_repeats, epochs_per_sample=budget.timing_epochs)
         timing["fine_tune_median_epoch_s"] = {
             "vanilla": _median([r["epoch_time_s"] for r in records if r["kind"] == "vanilla" and not r["adversarial"]
@@ -606,7 +623,8 @@ def run_dq_study(
                 "dataset": dataset, "model": parent.qrobust_arch["name"], "activation": "relu6", "act_clip": act_clip,
                 "bits": bits_l, "betas": betas_l, "quantize_weights": modes, "adversarial": adversarial,
                 "at": at_options if adversarial else None, "float_epochs": f_epochs if init is None else None,
-                "epochs": ft_epochs, "fit": ft_cfg.to_dict(), "n_eval": len(y), "eps": eps_l, "main_eps": m_eps,
+                "epochs": ft_epochs, "source_epochs": s_epochs, "fit": ft_cfg.to_dict(),
+                "n_train": len(train), "n_eval": len(y), "eps": eps_l, "main_eps": m_eps,
                 "layers": layers if isinstance(layers, str) else list(layers), "weights": weights,
                 "budget": dataclasses.asdict(budget), "full_confirm": full_confirm, "quick": quick, "seed": seed,
                 "threads": torch.get_num_threads(),
