@@ -907,7 +907,11 @@ def _report(res: dict[str, Any]) -> str:
     L.append(f"Lin, Gan & Han (ICLR 2019) measured on {s['dataset']} with `{s['model']}` (ReLU6, activation clip "
              f"α = {s['act_clip']:g}); bits {s['bits']} ({', '.join(s['quantize_weights'])}), "
              f"β ∈ {s['betas']}, penalty on {s['layers']} layers, {s['weights']} weights. Every model is "
-             f"fine-tuned for {s['epochs']} epochs from one float parent (lr {s['fit']['lr']:g}); "
+             f"fine-tuned for {s['epochs']} epochs from one float parent (lr {s['fit']['lr']:g}"
+             f"{', bf16 autocast' if s['fit'].get('bf16') else ''}"
+             f"{'' if s.get('n_train') is None else ', on ' + str(s['n_train']) + ' training images'}); "
+             f"{'' if s.get('source_epochs') is None else 'transfer source trained for ' + str(s['source_epochs'])}"
+             f"{'' if s.get('source_epochs') is None else ' epochs; '}"
              f"{s['n_eval']} test samples; L∞ ε ∈ {[round(e, 4) for e in eps]}, main ε = {me:.4g}. "
              f"Wall time {res['wall_time_s']:.0f} s on {s['threads']} thread(s).\n")
     L.append("## Claims\n")
@@ -967,7 +971,10 @@ def _report(res: dict[str, Any]) -> str:
     dq_s, van_s = statistics.median(t["dq_epoch_s"]), statistics.median(t["vanilla_epoch_s"])
     L.append(f"\nCost: a DQ epoch takes **{t['ratio_median']:.3f}×** a vanilla QAT epoch ({t['spec']}, β = "
              f"{t['beta']:g}, median ratio over {t['repeats']} interleaved pairs of "
-             f"{t['epochs_per_sample']}-epoch runs; median epochs {_num(dq_s)} s vs {_num(van_s)} s; fastest "
+             f"{t['epochs_per_sample']}-epoch runs"
+             f"{'' if s['budget'].get('timing_batches') is None else ' of ' + str(s['budget']['timing_batches'])}"
+             f"{'' if s['budget'].get('timing_batches') is None else ' batches per epoch'}; "
+             f"median epochs {_num(dq_s)} s vs {_num(van_s)} s; fastest "
              f"runs' ratio {t['ratio_of_minima']:.3f}) — "
              f"{claims['cost']['verdict']} (target ≤ 1.10×). "
              f"Fine-tuning runs of this study: median epoch {_num(t['fine_tune_median_epoch_s']['dq'])} s (DQ) vs "
