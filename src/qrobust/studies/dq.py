@@ -309,7 +309,13 @@ def _model_stats(model: nn.Module, input_shape: tuple[int, ...], quantized_weigh
         out["ortho_quantized"] = {"total": oq["total"], "mean": oq["mean"], "per_layer": oq["per_layer"]}
     rows = lipschitz_table(model, input_shape, iters=30)
     net = rows[-1]
+    weight_rows = [r["lipschitz"] for r in rows[:-1] if r["kind"] in ("conv", "linear")]
+    bn_rows = [r["lipschitz"] for r in rows[:-1] if r["kind"] == "bn"]
     out["lipschitz"] = {"bound": net["lipschitz"], "product": net["product"],
+                        # the penalty acts on the weights only; a BatchNorm after a conv can undo any rescaling
+                        # of it, so the two factors of the bound are kept apart
+                        "weight_product": math.prod(weight_rows) if weight_rows else None,
+                        "bn_product": math.prod(bn_rows) if bn_rows else None,
                         "layers": {r["name"]: r["lipschitz"] for r in rows[:-1]
                                    if r["kind"] in ("conv", "linear", "bn", "normalize")}}
     return out
@@ -988,7 +994,7 @@ def _report(res: dict[str, Any]) -> str:
     L.append("## Models\n")
     head = (["model", "clean"] + [f"FGSM {e:.3g}" for e in eps] + [f"PGD {e:.3g}" for e in eps]
             + [f"transfer {me:.3g}", f"suite {me:.3g}", f"**worst {me:.3g}**", "‖WᵀW−I‖", "Lip. bound",
-               "amp. last (common)", "bucket Δ", "flags"])
+               "∏ weights", "∏ BN", "amp. last (common)", "bucket Δ", "flags"])
     L.append("| " + " | ".join(head) + " |")
     L.append("|" + "---|" * len(head))
     for r in recs:
@@ -996,11 +1002,15 @@ def _report(res: dict[str, Any]) -> str:
         cells = ([r["label"], _pct(r["clean"])] + [_pct(r["fgsm"][repr(e)]) for e in eps]
                  + [_pct(r["pgd"][repr(e)]) for e in eps]
                  + [_pct(r["transfer"][repr(me)]), _pct(r["confirm"]["robust"]), f"**{_pct(r['robust_main'])}**",
-                    _num(r["ortho"]["total"]), _num(r["lipschitz"]["bound"]), _num(amp["last_rel_l2"]),
+                    _num(r["ortho"]["total"]), _num(r["lipschitz"]["bound"]),
+                    _num(r["lipschitz"].get("weight_product")), _num(r["lipschitz"].get("bn_product")),
+                    _num(amp["last_rel_l2"]),
                     _pct(amp["mean_bucket_change"]), ", ".join(r["confirm"]["flags"]) or "none"])
         L.append("| " + " | ".join(cells) + " |")
     L.append("\nAccuracies in %. ‖WᵀW−I‖: √Σ_l ‖G_l − I‖²_F of the latent weights (smaller Gram matrix). "
-             "Lip. bound: product of per-layer L2 operator norms (true convolution operators). amp. last: "
+             "Lip. bound: product of per-layer L2 operator norms (true convolution operators); ∏ weights and "
+             "∏ BN: its conv/linear and BatchNorm factors — the penalty acts on the first, and a BatchNorm "
+             "after a conv can restore any scale the penalty takes away. amp. last: "
              "‖f(x′) − f(x)‖/‖f(x)‖ at the last activation for the common perturbation; bucket Δ: mean fraction "
              "of activations in another quantization bucket (float models on the same grid).\n")
     L.append("## Caveats\n")
