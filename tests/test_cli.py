@@ -151,13 +151,17 @@ def test_train_dq_objective_and_analyze(capsys, tmp_path):
 @pytest.mark.slow
 def test_study_dq_quick(capsys, tmp_path):
     code, out, err = _run(capsys, "study", "dq", "--quick", "--n-train", "600", "--source-epochs", "1", "--bf16",
-                          "--budget", '{"timing_batches": 3, "square_queries": 20}', "--out", str(tmp_path / "dq"))
+                          "--penalty-bn", "fold", "--budget", '{"timing_batches": 3, "square_queries": 20}',
+                          "--out", str(tmp_path / "dq"))
     assert code == 0, err
     res = json.loads((tmp_path / "dq" / "results.json").read_text())
     assert "claims" in json.dumps(res)
     st = res["settings"]
     assert st["n_train"] == 600 and st["source_epochs"] == 1 and st["fit"]["bf16"] is True
     assert st["budget"]["timing_batches"] == 3 and st["budget"]["square_queries"] == 20
+    assert st["penalty_bn"] == "fold"
+    dq = next(m for m in res["models"] if m["kind"] == "dq")
+    assert dq["objective"]["regularizers"][0]["bn"] == "fold" and "ortho_bn_folded" in dq
     assert (tmp_path / "dq" / "report.md").exists()
 
 

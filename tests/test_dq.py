@@ -185,7 +185,7 @@ def test_dq_objective_is_registered_and_composes():
     assert isinstance(obj, Sum) and obj.name == "ce+dq"
     cfg = obj.config()
     assert cfg["regularizers"][0] == {"name": "dq", "beta": 0.01, "layers": "hidden", "weights": "latent",
-                                      "gram": "smaller"}
+                                      "bn": "ignore", "gram": "smaller"}
     model = _digits()
     x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     loss, logits = obj(model, x, y)
@@ -249,3 +249,45 @@ def test_quick_study_writes_report(tmp_path):
     assert res["timing"]["ratio_of_medians"] > 0
     report = (tmp_path / "report.md").read_text()
     assert "## Claims" in report and "Cost: a DQ epoch" in report
+
+
+# ------------------------------------------------------------------------------------------ BatchNorm folding
+def test_following_batchnorms_pairs_each_conv_with_its_bn():
+    from qrobust.defenses.orthogonality import following_batchnorms
+
+    model = build_model("resnet20")
+    pairs = following_batchnorms(model)
+    assert pairs["conv1"] is model.bn1 and pairs["layer2.1.conv2"] is model.layer2[1].bn2
+    assert len(pairs) == 19 and "fc" not in pairs  # every conv, not the classifier
+    q = quantize(build_model("resnet20"), "w4a4")  # quantized convs pair the same way
+    assert set(following_batchnorms(q)) == set(pairs)
+
+
+def test_folded_penalty_sees_the_bn_gain_and_ignores_rescaling_it_undoes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))
+    bn = model[1]
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 2.0, 1.5]))
+        bn.running_var.copy_(torch.tensor([0.25, 4.0, 1.0]))
+    pen = OrthogonalityPenalty(0.5, bn="fold")
+    w = model[0].weight.detach().reshape(3, -1) * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()[:, None]
+    g = w @ w.T
+    w2 = model[4].weight.detach()
+    g2 = w2 @ w2.T
+    expected = 0.25 * float((g - torch.eye(3)).square().sum() + (g2 - torch.eye(4)).square().sum())
+    value = pen(model)
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+    value.backward()
+    assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0  # the gain is penalised too
+    # scaling the conv by c and its BN statistics by c² changes nothing the network computes: the folded
+    # penalty stays put, the paper's (bn="ignore") does not
+    before = {k: float(OrthogonalityPenalty(0.5, bn=k)(model)) for k in ("fold", "ignore")}
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+        bn.running_var.mul_(9.0)
+    after = {k: float(OrthogonalityPenalty(0.5, bn=k)(model)) for k in ("fold", "ignore")}
+    assert after["fold"] == pytest.approx(before["fold"], rel=1e-4) and after["ignore"] > 2 * before["ignore"]
+    assert orthogonality_error(model, bn="fold")["sum_sq"] == pytest.approx(4 * expected, rel=1e-4)  # β/2 = 1/4
+    with pytest.raises(ConfigError, match="bn must be one of"):
+        OrthogonalityPenalty(0.5, bn="yes")

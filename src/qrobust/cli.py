@@ -404,6 +404,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             full_confirm=args.full_confirm,
             float_epochs=args.float_epochs,
             source_epochs=args.source_epochs,
+            penalty_bn=args.penalty_bn,
         )
     else:
         from qrobust.studies.odgq import run_odgq_study
@@ -553,6 +554,8 @@ def make_parser() -> argparse.ArgumentParser:
     st.add_argument("--adversarial", action="store_true", help="dq: combine with PGD adversarial training")
     st.add_argument("--init", default=None, help="float checkpoint every model is fine-tuned from")
     st.add_argument("--lr", type=float, default=None, help="odgq: learning rate (default per dataset)")
+    st.add_argument("--penalty-bn", default="ignore", choices=["ignore", "fold"],
+                    help="dq: 'fold' penalises diag(γ/σ)·W, the conv with the BatchNorm after it")
     st.add_argument("--full-confirm", action="store_true", help="dq: the quantized suite at full budgets with SPSA")
     st.add_argument("--recipes", default=None, help="odgq: subset of natural,fgsm-rs,pgd-at,trades,odgq")
     st.add_argument("--n-train", type=int, default=None, help="train (dq: fine-tune) on a random subset")

@@ -199,7 +199,7 @@ def _train(model: nn.Module, train: Any, *, objective: Any, cfg: Any, out: Path,
 
 
 def _objective(kind: str, beta: float | None, *, adversarial: bool, at_options: dict[str, Any], layers: Any,
-               weights: str) -> Any:
+               weights: str, bn: str = "ignore") -> Any:
     from qrobust.defenses import make_objective
 
     base: Any = "ce"
@@ -210,7 +210,7 @@ def _objective(kind: str, beta: float | None, *, adversarial: bool, at_options: 
         base, base_opts = "pgd-at", dict(at_options)
     if kind == "vanilla":
         return make_objective(base, **base_opts)
-    return make_objective("dq", beta=beta, base=base, layers=layers, weights=weights, **base_opts)
+    return make_objective("dq", beta=beta, base=base, layers=layers, weights=weights, bn=bn, **base_opts)
 
 
 # ============================================================================================ evaluation
@@ -302,8 +302,10 @@ def _model_stats(model: nn.Module, input_shape: tuple[int, ...], quantized_weigh
     from qrobust.defenses.orthogonality import orthogonality_error
 
     ortho = orthogonality_error(model)
+    folded = orthogonality_error(model, bn="fold")
     out: dict[str, Any] = {"ortho": {"total": ortho["total"], "mean": ortho["mean"],
-                                     "per_layer": ortho["per_layer"]}}
+                                     "per_layer": ortho["per_layer"]},
+                           "ortho_bn_folded": {"total": folded["total"], "mean": folded["mean"]}}
     if quantized_weights:
         oq = orthogonality_error(model, weights="quantized")
         out["ortho_quantized"] = {"total": oq["total"], "mean": oq["mean"], "per_layer": oq["per_layer"]}
@@ -323,7 +325,7 @@ def _model_stats(model: nn.Module, input_shape: tuple[int, ...], quantized_weigh
 
 # ============================================================================================ timing
 def _epoch_timing(parent: nn.Module, spec: Any, train: Any, cfg: Any, *, beta: float, layers: Any, weights: str,
-                  repeats: int, epochs_per_sample: int = 1) -> dict[str, Any]:
+                  repeats: int, epochs_per_sample: int = 1, bn: str = "ignore") -> dict[str, Any]:
     """Interleaved short runs of vanilla QAT and DQ on copies of the same model (same data order); a sample
     is the mean epoch time of an ``epochs_per_sample``-epoch run.
 
@@ -336,7 +338,7 @@ def _epoch_timing(parent: nn.Module, spec: Any, train: Any, cfg: Any, *, beta: f
     from qrobust.training import fit
 
     models = {k: (quantize(parent, spec) if spec is not None else copy.deepcopy(parent)) for k in ("vanilla", "dq")}
-    objs = {"vanilla": "ce", "dq": make_objective("dq", beta=beta, layers=layers, weights=weights)}
+    objs = {"vanilla": "ce", "dq": make_objective("dq", beta=beta, layers=layers, weights=weights, bn=bn)}
     times: dict[str, list[float]] = {"vanilla": [], "dq": []}
     one = dataclasses.replace(cfg, epochs=epochs_per_sample)
     for r in range(repeats):
@@ -421,6 +423,7 @@ def run_dq_study(
     init: str | Path | None = None,
     layers: str | Sequence[str] = "all",
     weights: str = "latent",
+    penalty_bn: str = "ignore",
     act_clip: float = 6.0,
     batch_size: int | None = None,
     lr: float | None = None,
@@ -479,6 +482,8 @@ def run_dq_study(
         m_eps = float(main_eps) if main_eps is not None else (d["main_eps"] if d["main_eps"] in eps_l else eps_l[-1])
         if m_eps not in eps_l:
             eps_l = sorted({*eps_l, m_eps})
+        if penalty_bn not in ("ignore", "fold"):
+            raise ConfigError(f"penalty_bn must be 'ignore' or 'fold', got {penalty_bn!r}")
         if weights not in ("latent", "quantized"):
             raise ConfigError(f"weights must be 'latent' or 'quantized', got {weights!r}")
         QuantSpec(act_clip=act_clip)  # validates act_clip
@@ -560,7 +565,7 @@ def run_dq_study(
             log.info("[%d/%d] fine-tuning %s", i + 1, len(jobs), label)
             net = quantize(parent, spec) if spec is not None else copy.deepcopy(parent)
             obj = _objective(job["kind"], job["beta"], adversarial=job["adversarial"], at_options=at_options,
-                             layers=layers, weights=weights)
+                             layers=layers, weights=weights, bn=penalty_bn)
             run_dir = out / "runs" / job["mode"] / f"b{job['bits']}" / tag
             net, hist = _train(net, train, objective=obj, cfg=ft_cfg, out=run_dir, resume=resume,
                                metadata={**meta, "role": label, "init": "float parent"})
@@ -613,6 +618,7 @@ def run_dq_study(
                  timing_spec, budget.timing_repeats)
         timing_cfg = dataclasses.replace(ft_cfg, max_batches=budget.timing_batches)
         timing = _epoch_timing(parent, timing_spec, train, timing_cfg, beta=betas_l[0], layers=layers, weights=weights,
+                               bn=penalty_bn,
                                repeats=budget.timing_repeats, epochs_per_sample=budget.timing_epochs)
         timing["fine_tune_median_epoch_s"] = {
             "vanilla": _median([r["epoch_time_s"] for r in records if r["kind"] == "vanilla" and not r["adversarial"]
@@ -632,6 +638,7 @@ def run_dq_study(
                 "epochs": ft_epochs, "source_epochs": s_epochs, "fit": ft_cfg.to_dict(),
                 "n_train": len(train), "n_eval": len(y), "eps": eps_l, "main_eps": m_eps,
                 "layers": layers if isinstance(layers, str) else list(layers), "weights": weights,
+                "penalty_bn": penalty_bn,
                 "budget": dataclasses.asdict(budget), "full_confirm": full_confirm, "quick": quick, "seed": seed,
                 "threads": torch.get_num_threads(),
             },
@@ -912,7 +919,8 @@ def _report(res: dict[str, Any]) -> str:
     L.append(f"# Defensive Quantization study — {s['dataset']}, {s['model']}\n")
     L.append(f"Lin, Gan & Han (ICLR 2019) measured on {s['dataset']} with `{s['model']}` (ReLU6, activation clip "
              f"α = {s['act_clip']:g}); bits {s['bits']} ({', '.join(s['quantize_weights'])}), "
-             f"β ∈ {s['betas']}, penalty on {s['layers']} layers, {s['weights']} weights. Every model is "
+             f"β ∈ {s['betas']}, penalty on {s['layers']} layers, {s['weights']} weights"
+             f"{', BatchNorm gains folded in' if s.get('penalty_bn') == 'fold' else ''}. Every model is "
              f"fine-tuned for {s['epochs']} epochs from one float parent (lr {s['fit']['lr']:g}"
              f"{', bf16 autocast' if s['fit'].get('bf16') else ''}"
              f"{'' if s.get('n_train') is None else ', on ' + str(s['n_train']) + ' training images'}); "
@@ -993,7 +1001,7 @@ def _report(res: dict[str, Any]) -> str:
         L.append("![error amplification per layer](amplification.png)\n")
     L.append("## Models\n")
     head = (["model", "clean"] + [f"FGSM {e:.3g}" for e in eps] + [f"PGD {e:.3g}" for e in eps]
-            + [f"transfer {me:.3g}", f"suite {me:.3g}", f"**worst {me:.3g}**", "‖WᵀW−I‖", "Lip. bound",
+            + [f"transfer {me:.3g}", f"suite {me:.3g}", f"**worst {me:.3g}**", "‖WᵀW−I‖", "… BN folded", "Lip. bound",
                "∏ weights", "∏ BN", "amp. last (common)", "bucket Δ", "flags"])
     L.append("| " + " | ".join(head) + " |")
     L.append("|" + "---|" * len(head))
@@ -1002,12 +1010,14 @@ def _report(res: dict[str, Any]) -> str:
         cells = ([r["label"], _pct(r["clean"])] + [_pct(r["fgsm"][repr(e)]) for e in eps]
                  + [_pct(r["pgd"][repr(e)]) for e in eps]
                  + [_pct(r["transfer"][repr(me)]), _pct(r["confirm"]["robust"]), f"**{_pct(r['robust_main'])}**",
-                    _num(r["ortho"]["total"]), _num(r["lipschitz"]["bound"]),
+                    _num(r["ortho"]["total"]), _num(r.get("ortho_bn_folded", {}).get("total")),
+                    _num(r["lipschitz"]["bound"]),
                     _num(r["lipschitz"].get("weight_product")), _num(r["lipschitz"].get("bn_product")),
                     _num(amp["last_rel_l2"]),
                     _pct(amp["mean_bucket_change"]), ", ".join(r["confirm"]["flags"]) or "none"])
         L.append("| " + " | ".join(cells) + " |")
-    L.append("\nAccuracies in %. ‖WᵀW−I‖: √Σ_l ‖G_l − I‖²_F of the latent weights (smaller Gram matrix). "
+    L.append("\nAccuracies in %. ‖WᵀW−I‖: √Σ_l ‖G_l − I‖²_F of the latent weights (smaller Gram matrix); "
+             "… BN folded: the same for diag(γ/σ)·W, each conv with the BatchNorm after it. "
              "Lip. bound: product of per-layer L2 operator norms (true convolution operators); ∏ weights and "
              "∏ BN: its conv/linear and BatchNorm factors — the penalty acts on the first, and a BatchNorm "
              "after a conv can restore any scale the penalty takes away. amp. last: "
