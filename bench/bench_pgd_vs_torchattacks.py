@@ -52,7 +52,8 @@ def worker(lib: str, ckpt: str, n: int, eps: float, batch: int, threads: int) ->
             clean += (model(xb).argmax(1) == yb).sum().item()
     elapsed = time.perf_counter() - t0
     return {"lib": lib, "robust_acc": correct / n, "clean_acc": clean / n, "time_s": elapsed,
-            "ms_per_image": 1000 * elapsed / n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "ms_per_image": 1000 * elapsed / n,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_attack_mb": rss0 / 1024}
 
 
