@@ -10,8 +10,6 @@ T = TypeVar("T")
 #: datasets whose small images leave torch's intra-op parallelism little to split: studies on them run on one
 #: thread ("auto"), which on a shared two-core machine was 3–6× faster than two
 SMALL_IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist")
-#: budget fields that may be None (meaning "no limit")
-OPTIONAL_BUDGET_FIELDS = ("timing_batches",)
 
 
 @contextmanager
@@ -56,7 +54,7 @@ def override_budget(base: T, overrides: Mapping[str, Any] | None) -> T:
         raise ConfigError(f"unknown budget fields {unknown}; known: {sorted(fields)}")
     for k, v in overrides.items():
         current = getattr(base, k)
-        if v is None and k in OPTIONAL_BUDGET_FIELDS:
+        if v is None and fields[k].default is None:  # a field whose default "None" means "no limit"
             continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"budget field {k} must be a positive integer, got {v!r} (default {current!r})")

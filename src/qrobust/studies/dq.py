@@ -721,6 +721,29 @@ def _cmp(records: list[dict], masks: dict[int, torch.Tensor], a: int, b: int, ke
             "b_value": records[b][key], "diff": diff, "z": z}
 
 
+def _point(c: dict[str, Any]) -> tuple[bool, bool]:
+    """(holds in the claimed direction, holds significantly) for a comparison from :func:`_cmp`."""
+    return c["diff"] > 0, c["diff"] > 0 and (c["z"] or 0) > Z_CRIT
+
+
+def _paired(records: list[dict], masks: dict[int, torch.Tensor], modes: list[str], qbits: list[int],
+            a: dict[str, Any], b: dict[str, Any]) -> tuple[list[tuple[bool, bool]], list[dict[str, Any]]]:
+    """At every mode and quantized bit-width, the model found by ``a`` vs the one found by ``b``
+    (:func:`_find` keywords; ``bits`` defaults to the bit-width at hand)."""
+    pts, rows = [], []
+    for mode in modes:
+        for bw in qbits:
+            ia = _find(records, mode=mode, **{"bits": bw, **a})
+            ib = _find(records, mode=mode, **{"bits": bw, **b})
+            if ia is None or ib is None:
+                continue
+            c = _cmp(records, masks, ia, ib)
+            c.update(mode=mode, bits=bw)
+            rows.append(c)
+            pts.append(_point(c))
+    return pts, rows
+
+
 def _claims(records: list[dict], masks: dict[int, torch.Tensor], *, modes: list[str], bits: list[int],
             betas: list[float], adversarial: bool, timing: dict[str, Any], n: int) -> dict[str, Any]:
     qbits = [b for b in bits if b != 32]
@@ -728,16 +751,7 @@ def _claims(records: list[dict], masks: dict[int, torch.Tensor], *, modes: list[
     claims: dict[str, Any] = {}
 
     # (1) vanilla quantized < float
-    pts, rows = [], []
-    for mode in modes:
-        for b in qbits:
-            v = _find(records, mode=mode, bits=b, kind="vanilla")
-            if v is None or f is None:
-                continue
-            c = _cmp(records, masks, f, v)
-            c.update(mode=mode, bits=b)
-            rows.append(c)
-            pts.append((c["diff"] > 0, c["diff"] > 0 and (c["z"] or 0) > Z_CRIT))
+    pts, rows = _paired(records, masks, modes, qbits, {"bits": 32, "kind": "vanilla"}, {"kind": "vanilla"})
     claims["1"] = {"claim": "vanilla quantized models are less robust than their float parent",
                    "verdict": _verdict(pts), "comparisons": rows}
 
@@ -798,8 +812,8 @@ def _claims(records: list[dict], masks: dict[int, torch.Tensor], *, modes: list[
                 rows.append({"mode": mode, "bits": b, "vs_vanilla": cv, "vs_float": cf, "clean_gain": cc,
                              "pgd_only_gain": pgd_gain, "flags": records[q]["confirm"]["flags"],
                              "ortho": records[q]["ortho"]["total"], "ortho_vanilla": records[v]["ortho"]["total"]})
-                vs_van.append((cv["diff"] > 0, cv["diff"] > 0 and (cv["z"] or 0) > Z_CRIT))
-                vs_float.append((cf["diff"] > 0, cf["diff"] > 0 and (cf["z"] or 0) > Z_CRIT))
+                vs_van.append(_point(cv))
+                vs_float.append(_point(cf))
                 clean_pts.append((cc > 0, cc > 0))
         per_beta[repr(bt)] = {"beta": bt, "vs_vanilla": _verdict(vs_van), "vs_float": _verdict(vs_float),
                               "clean_above_vanilla": _verdict(clean_pts), "comparisons": rows}
@@ -815,18 +829,9 @@ def _claims(records: list[dict], masks: dict[int, torch.Tensor], *, modes: list[
 
     # (4) DQ + adversarial training
     if adversarial:
-        pts, rows = [], []
         best_at = _best_beta(records, modes[0], qbits, betas, adversarial=True) if qbits else None
-        for mode in modes:
-            for b in qbits:
-                q = _find(records, mode=mode, bits=b, kind="dq", beta=best_at, adversarial=True)
-                v = _find(records, mode=mode, bits=b, kind="vanilla", adversarial=True)
-                if q is None or v is None:
-                    continue
-                c = _cmp(records, masks, q, v)
-                c.update(mode=mode, bits=b)
-                rows.append(c)
-                pts.append((c["diff"] > 0, c["diff"] > 0 and (c["z"] or 0) > Z_CRIT))
+        pts, rows = _paired(records, masks, modes, qbits, {"kind": "dq", "beta": best_at, "adversarial": True},
+                            {"kind": "vanilla", "adversarial": True})
         claims["4"] = {"claim": "DQ combines with adversarial training (DQ + PGD-AT more robust than PGD-AT alone)",
                        "best_beta": best_at, "verdict": _verdict(pts), "comparisons": rows}
     else:
@@ -924,9 +929,8 @@ def _report(res: dict[str, Any]) -> str:
              f"fine-tuned for {s['epochs']} epochs from one float parent (lr {s['fit']['lr']:g}"
              f"{', bf16 autocast' if s['fit'].get('bf16') else ''}"
              f"{'' if s.get('n_train') is None else ', on ' + str(s['n_train']) + ' training images'}); "
-             f"{'' if s.get('source_epochs') is None else 'transfer source trained for ' + str(s['source_epochs'])}"
-             f"{'' if s.get('source_epochs') is None else ' epochs; '}"
-             f"{s['n_eval']} test samples; L∞ ε ∈ {[round(e, 4) for e in eps]}, main ε = {me:.4g}. "
+             + (f"transfer source trained for {s['source_epochs']} epochs; " if s.get("source_epochs") else "")
+             + f"{s['n_eval']} test samples; L∞ ε ∈ {[round(e, 4) for e in eps]}, main ε = {me:.4g}. "
              f"Wall time {res['wall_time_s']:.0f} s on {s['threads']} thread(s).\n")
     L.append("## Claims\n")
     c1, c2, c3, c4 = claims["1"], claims["2"], claims["3"], claims["4"]
