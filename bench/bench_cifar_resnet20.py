@@ -26,7 +26,7 @@ RESULTS = HERE / "results" / "cifar_resnet20.json"
 
 
 def _merge(key: str, value: dict) -> None:
-    from qrobust.checkpoint import atomic_write_text
+    from qrobust.utils import atomic_write_text
 
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

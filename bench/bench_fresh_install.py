@@ -39,7 +39,7 @@ def main() -> int:
                   "demo_exit_code": demo.returncode, "demo_wall_s": demo_s,
                   "demo_table": [ln for ln in demo.stdout.splitlines() if ln.startswith("|")],
                   "load_average_1min": float(Path("/proc/loadavg").read_text().split()[0])}
-    from qrobust.checkpoint import atomic_write_text
+    from qrobust.utils import atomic_write_text
 
     atomic_write_text(HERE / "results" / "fresh_install_demo.json", json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

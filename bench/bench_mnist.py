@@ -30,11 +30,11 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from qrobust.checkpoint import atomic_write_text
     from qrobust.data import load_dataset
     from qrobust.models import build_model
     from qrobust.quant import quantize
     from qrobust.training import FitConfig, fit
+    from qrobust.utils import atomic_write_text
 
     train, test = load_dataset("mnist", "train"), load_dataset("mnist", "test")
     results = {"dataset": "MNIST (60,000 train / 10,000 test)", "model": "small_cnn", "torch_threads": args.threads,

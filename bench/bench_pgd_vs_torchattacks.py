@@ -90,7 +90,7 @@ def main() -> int:
         "robust_acc": acc, "peak_rss_mb": {lib: max(r["peak_rss_mb"] for r in runs if r["lib"] == lib)
                                            for lib in ("qrobust", "torchattacks")},
         "runs": runs}
-    from qrobust.checkpoint import atomic_write_text
+    from qrobust.utils import atomic_write_text
 
     name = "pgd_vs_torchattacks" + ("" if args.eps == 8 else f"_eps{args.eps:g}")
     atomic_write_text(HERE / "results" / f"{name}.json", json.dumps(result, indent=2))

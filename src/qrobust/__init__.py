@@ -10,12 +10,10 @@ The public API on one screen::
     PGD(model, eps=...)(x, y)            attacks   → adversarial examples (ste/native/surrogate gradients)
 """
 
-from qrobust.errors import CheckpointError, ConfigError, DataError, InputError, QrobustError
-
-__version__ = "0.1.0"
-
+from qrobust._version import __version__  # noqa: E402
 from qrobust.checkpoint import load, save  # noqa: E402
 from qrobust.data import load_dataset  # noqa: E402
+from qrobust.errors import CheckpointError, ConfigError, DataError, InputError, QrobustError
 from qrobust.models import build_model  # noqa: E402
 from qrobust.quant import QuantSpec, describe, quantize  # noqa: E402
 from qrobust.training import FitConfig, accuracy, fit  # noqa: E402

@@ -20,46 +20,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from qrobust._version import __version__
 from qrobust.errors import CheckpointError
+from qrobust.utils import atomic_write
 
 FORMAT = "qrobust-checkpoint/1"
 FINAL_NAME = "final.safetensors"
 
 
 # --------------------------------------------------------------------------------------------- writing
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Run ``write(tmp_path)`` then move the result over ``path`` in one rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, fsync, rename)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write_bytes(Path(path), write)
-
-
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
@@ -84,12 +59,10 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     """Low level: write ``tensors`` and the JSON-serialisable ``meta`` to ``path`` atomically."""
     from safetensors.torch import save_file
 
-    import qrobust
-
     tensors = _plain_state(tensors)
     doc = {
         "format": FORMAT,
-        "qrobust_version": qrobust.__version__,
+        "qrobust_version": __version__,
         "torch_version": torch.__version__,
         "sha256": _digest(tensors),
         **meta,
@@ -98,7 +71,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         header = {"qrobust": json.dumps(doc, default=_json_default)}
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {e}") from e
-    _atomic_write_bytes(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def _json_default(o: Any) -> Any:

@@ -782,7 +782,7 @@ def evaluate(
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     if parent is not None and not isinstance(parent, nn.Module):
         raise ConfigError(f"parent must be a torch.nn.Module (the float model), got {type(parent).__name__}")
-    from qrobust.attacks.base import check_eps
+    from qrobust.validation import check_eps
 
     eps_list = [eps] if not isinstance(eps, (list, tuple)) else list(eps)
     if not eps_list:

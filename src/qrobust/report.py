@@ -16,14 +16,14 @@ import json
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qrobust.errors import InputError
+from qrobust.utils import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -34,30 +34,8 @@ EXAMPLES_NAME = "adversarial_examples"
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return _atomic_write(path, write)
-
-
 def _save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def _as_dict(report: Any) -> dict[str, Any]:
@@ -73,9 +51,9 @@ def save_report(report: Any, out_dir: str | os.PathLike) -> dict[str, Path]:
     data = _as_dict(report)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": _write_text(out / REPORT_JSON, json.dumps(data, indent=2, allow_nan=False) + "\n")}
+    paths = {"json": atomic_write_text(out / REPORT_JSON, json.dumps(data, indent=2, allow_nan=False) + "\n")}
     paths["plot"] = plot_accuracy(data, out / ACCURACY_PNG)
-    paths["markdown"] = _write_text(out / REPORT_MD, render_markdown(data, plot=ACCURACY_PNG))
+    paths["markdown"] = atomic_write_text(out / REPORT_MD, render_markdown(data, plot=ACCURACY_PNG))
     return paths
 
 
@@ -345,7 +323,7 @@ def save_adversarial_examples(
     tensors = {"x": x.contiguous(), "x_adv": x_adv.contiguous(), "y": y.contiguous(),
                "pred_clean": pc.contiguous(), "pred_adv": pa.contiguous()}
     header = {"qrobust": json.dumps(info, default=str)}
-    st_path = _atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=header))
+    st_path = atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=header))
 
     order = torch.cat([fooled.nonzero().squeeze(1), (~fooled).nonzero().squeeze(1)])[:max_images]
     k = int(order.numel())

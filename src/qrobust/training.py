@@ -41,7 +41,7 @@ from torch import nn
 from qrobust import checkpoint as ckpt
 from qrobust.defenses.objectives import make_objective, split_output
 from qrobust.errors import CheckpointError, ConfigError
-from qrobust.utils import model_device, progress, seed_everything
+from qrobust.utils import atomic_write_text, eval_mode, model_device, progress, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -211,19 +211,15 @@ def as_batches(
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Any, *, batch_size: int = 512, max_batches: int | None = None) -> float:
     """Clean top-1 accuracy of ``model`` (put in eval mode, restored afterwards) on ``data``."""
-    was_training = model.training
-    model.eval()
     device = model_device(model)
     correct = total = 0
-    try:
+    with eval_mode(model):
         for i, (x, y) in enumerate(as_batches(data, batch_size, shuffle=False, augment=False, seed=0)):
             if max_batches is not None and i >= max_batches:
                 break
             x, y = x.to(device), y.to(device)
             correct += (model(x).argmax(1) == y).sum().item()
             total += len(y)
-    finally:
-        model.train(was_training)
     return correct / max(total, 1)
 
 
@@ -318,7 +314,7 @@ def _latest_state(out: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
-    ckpt.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
 
 # ------------------------------------------------------------------------------------------- DDP
@@ -416,7 +412,7 @@ def fit(
         **(metadata or {}),
     }
     if out_path is not None and rank == 0:
-        ckpt.atomic_write_text(
+        atomic_write_text(
             out_path / "config.json",
             json.dumps(
                 {

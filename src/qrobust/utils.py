@@ -1,11 +1,14 @@
-"""Small helpers shared by every room: progress bars, seeding, devices."""
+"""Small helpers shared by every room: progress bars, seeding, a model's device, eval mode, atomic writes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -29,13 +32,85 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def model_device_dtype(
+    model: torch.nn.Module, fallback: torch.dtype = torch.float32
+) -> tuple[torch.device, torch.dtype]:
+    """Where ``model`` computes and in which float dtype: its first floating parameter (else buffer); a model
+    with no float tensors reports ``fallback``, one with no tensors at all the CPU."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    for b in model.buffers():
+        if b.is_floating_point():
+            return b.device, b.dtype
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device, fallback
+    return torch.device("cpu"), fallback
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
+    """The device of ``model``'s tensors (CPU for a model without any)."""
+    return model_device_dtype(model)[0]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put every submodule of ``model`` in eval mode; restore each one's own train/eval flag afterwards
+    (also when the body raises), so a model with some modules frozen in eval comes back exactly as it was."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync: bool = True) -> Path:
+    """Run ``write(tmp_path)`` on a temporary file beside ``path``, then move it over ``path`` in one rename:
+    a reader never sees a half-written file, and an interrupted write leaves the old file (or none).
+
+    The file gets the user's normal permissions (0666 less the umask), not the 0600 of a temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file (UTF-8) atomically; see :func:`atomic_write`."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a binary file atomically; see :func:`atomic_write`."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, write)

@@ -47,6 +47,7 @@ from qrobust.errors import ConfigError, InputError
 from qrobust.models.introspect import activation_modules
 from qrobust.quant import functional as QF
 from qrobust.quant.spec import check_bits
+from qrobust.utils import eval_mode, model_device
 
 log = logging.getLogger(__name__)
 
@@ -143,43 +144,39 @@ def amplification(
             captured[i] = (args[0].detach(), out.detach())
 
     handles = [m.register_forward_hook(hook) for _, m in acts]
-    modes = {m: m.training for m in model.modules()}
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else x.device
-    try:
-        model.eval()
-        for s in range(0, len(x), batch_size):
-            xb = x[s : s + batch_size].to(device)
-            xa = x_adv[s : s + batch_size].to(device)
-            captured.clear()
-            model(xb)
-            clean = dict(captured)
-            captured.clear()
-            model(xa)
-            adv = dict(captured)
-            for i in range(k):
-                if i not in clean or i not in adv:
-                    continue
-                (zc, fc), (za, fa) = clean[i], adv[i]
-                fc_flat = fc.reshape(fc.shape[0], -1).double()
-                diff = fa.reshape(fa.shape[0], -1).double() - fc_flat
-                dn, fn = diff.norm(dim=1), fc_flat.norm(dim=1)
-                ok = fn > 0
-                ratio_sum[i] += float((dn[ok] / fn[ok]).sum())
-                ratio_n[i] += int(ok.sum())
-                n_zero[i] += int((~ok).sum())
-                d2[i] += float(dn.square().sum())
-                f2[i] += float(fn.square().sum())
-                numel[i] = fc_flat.shape[1]
-                kind, b, a = grids[i]
-                if kind != "none":
-                    changed[i] += int((_buckets(zc, kind, b, a) != _buckets(za, kind, b, a)).sum())
-                    total[i] += zc.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+    device = model_device(model) if any(True for _ in model.parameters()) else x.device
+    with eval_mode(model):
+        try:
+            for s in range(0, len(x), batch_size):
+                xb = x[s : s + batch_size].to(device)
+                xa = x_adv[s : s + batch_size].to(device)
+                captured.clear()
+                model(xb)
+                clean = dict(captured)
+                captured.clear()
+                model(xa)
+                adv = dict(captured)
+                for i in range(k):
+                    if i not in clean or i not in adv:
+                        continue
+                    (zc, fc), (za, fa) = clean[i], adv[i]
+                    fc_flat = fc.reshape(fc.shape[0], -1).double()
+                    diff = fa.reshape(fa.shape[0], -1).double() - fc_flat
+                    dn, fn = diff.norm(dim=1), fc_flat.norm(dim=1)
+                    ok = fn > 0
+                    ratio_sum[i] += float((dn[ok] / fn[ok]).sum())
+                    ratio_n[i] += int(ok.sum())
+                    n_zero[i] += int((~ok).sum())
+                    d2[i] += float(dn.square().sum())
+                    f2[i] += float(fn.square().sum())
+                    numel[i] = fc_flat.shape[1]
+                    kind, b, a = grids[i]
+                    if kind != "none":
+                        changed[i] += int((_buckets(zc, kind, b, a) != _buckets(za, kind, b, a)).sum())
+                        total[i] += zc.numel()
+        finally:
+            for h in handles:
+                h.remove()
     rows = []
     for i, (name, m) in enumerate(acts):
         kind, b, a = grids[i]
@@ -379,7 +376,7 @@ def amplification_report(
             model, x, y, eps_list, attack=attack, steps=steps, bits=bits, alpha=alpha, seed=seed
         )
     if out is not None:
-        from qrobust.checkpoint import atomic_write_text
+        from qrobust.utils import atomic_write_text
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

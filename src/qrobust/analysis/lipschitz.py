@@ -47,6 +47,7 @@ from torch import nn
 
 from qrobust.errors import ConfigError, InputError
 from qrobust.models.layers import Normalize
+from qrobust.utils import eval_mode, model_device_dtype
 
 log = logging.getLogger(__name__)
 
@@ -219,19 +220,13 @@ def lipschitz_table(
         shapes.setdefault(id(mod), tuple(args[0].shape[1:]))
 
     hooks = [m.register_forward_pre_hook(record) for _, m in leaves]
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    modes = {m: m.training for m in model.modules()}
+    device, dtype = model_device_dtype(model)
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros((1, *shape), device=device, dtype=dtype))
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
 
     rows: list[dict[str, Any]] = []
     consts: dict[int, float | None] = {}

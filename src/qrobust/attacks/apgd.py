@@ -27,17 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust.attacks.base import (
-    Attack,
-    check_choice,
-    check_int,
-    check_positive,
-    default_eps,
-    lp_norm,
-    unit_l2,
-)
+from qrobust.attacks.base import Attack, default_eps, lp_norm, unit_l2
 from qrobust.attacks.losses import ce_loss, dlr_loss, dlr_targeted_loss
 from qrobust.errors import ConfigError
+from qrobust.validation import check_choice, check_int, check_positive
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from qrobust.attacks.apgd import APGD, LossFn
-from qrobust.attacks.base import check_int
 from qrobust.attacks.losses import ce_loss, dlr_targeted_loss
 from qrobust.errors import ConfigError
+from qrobust.validation import check_int
 
 
 class APGDT(APGD):

@@ -54,6 +54,8 @@ from torch import nn
 
 from qrobust.errors import ConfigError, InputError
 from qrobust.quant.modes import attack_mode, gradient_mode, quant_modules, quantization_disabled
+from qrobust.utils import model_device_dtype
+from qrobust.validation import check_choice, check_eps, check_int
 
 log = logging.getLogger(__name__)
 
@@ -135,66 +137,11 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, *, eps: float | None, norm: st
     raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
-# ------------------------------------------------------------------------------------------ validation
-def check_eps(eps: Any, norm: str | None, *, allow_none: bool = False) -> float | None:
-    """ε must be a finite number ≥ 0; at most 1 in L∞ (pixels live in [0, 1]). Returns it as float."""
-    if eps is None and allow_none:
-        return None
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        raise ConfigError(f"eps must be a finite number, got {eps!r}; pass e.g. eps=8/255")
-    if eps < 0:
-        raise ConfigError(f"eps must be ≥ 0, got {eps}; ε is a perturbation size on the [0, 1] pixel scale")
-    if norm == "Linf" and eps > 1:
-        raise ConfigError(
-            f"eps={eps} exceeds 1, the whole [0, 1] pixel range; ε is given as a fraction in Python "
-            f"(eps=8/255), not on the 0–255 scale"
-        )
-    return float(eps)
-
-
 def default_eps(eps: float | None, norm: str) -> float:
     """The customary ε when none is given: 8/255 in L∞, 0.5 in L2 (CIFAR-10 conventions)."""
     if eps is not None:
         return eps
     return 8 / 255 if norm == "Linf" else 0.5
-
-
-def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    """An integer (not a bool) ≥ ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be ≥ {minimum}, got {value}")
-    return int(value)
-
-
-def check_positive(name: str, value: Any, *, allow_zero: bool = False, maximum: float | None = None) -> float:
-    """A finite number > 0 (≥ 0 with ``allow_zero``), optionally ≤ ``maximum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be {'≥' if allow_zero else '>'} 0, got {value}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name} must be ≤ {maximum}, got {value}")
-    return float(value)
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def _model_device_dtype(model: nn.Module, fallback: torch.dtype) -> tuple[torch.device, torch.dtype]:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.device, p.dtype
-    for b in model.buffers():
-        if b.is_floating_point():
-            return b.device, b.dtype
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device, fallback
-    return torch.device("cpu"), fallback
 
 
 def _take(material: Any, idx: torch.Tensor) -> Any:
@@ -324,7 +271,7 @@ class Attack(ABC):
         x_ref = x.detach().clone()
         if x.shape[0] == 0:
             return x_ref
-        device, dtype = _model_device_dtype(self.model, x.dtype)
+        device, dtype = model_device_dtype(self.model, x.dtype)
         xd = x_ref.to(device=device, dtype=dtype)
         yd = y.detach().to(device=device, dtype=torch.long)
         if self.seed is not None:

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust.attacks.base import Attack, check_int, check_positive, lp_norm
+from qrobust.attacks.base import Attack, lp_norm
 from qrobust.attacks.losses import margin_loss
 from qrobust.errors import ConfigError
+from qrobust.validation import check_int, check_positive
 
 
 class CW(Attack):

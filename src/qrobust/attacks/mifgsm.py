@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust.attacks.base import check_positive
 from qrobust.attacks.pgd import PGD
+from qrobust.validation import check_positive
 
 
 class MIFGSM(PGD):

@@ -22,9 +22,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from qrobust.attacks.base import Attack, check_choice, check_int, check_positive
+from qrobust.attacks.base import Attack
 from qrobust.attacks.losses import ce_loss, margin_loss
 from qrobust.errors import ConfigError
+from qrobust.validation import check_choice, check_int, check_positive
 
 LOSSES = ("ce", "cw")
 

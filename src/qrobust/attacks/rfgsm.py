@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust.attacks.base import Attack, check_positive
+from qrobust.attacks.base import Attack
 from qrobust.attacks.losses import ce_loss
 from qrobust.errors import ConfigError
+from qrobust.validation import check_positive
 
 
 class RFGSM(Attack):

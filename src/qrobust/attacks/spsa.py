@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust.attacks.base import Attack, check_choice, check_int, check_positive
+from qrobust.attacks.base import Attack
 from qrobust.attacks.losses import margin_loss
 from qrobust.errors import ConfigError
+from qrobust.validation import check_choice, check_int, check_positive
 
 
 class SPSA(Attack):

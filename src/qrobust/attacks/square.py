@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust.attacks.base import Attack, check_int, check_positive, default_eps, lp_norm
+from qrobust.attacks.base import Attack, default_eps, lp_norm
 from qrobust.attacks.losses import margin_loss
 from qrobust.errors import ConfigError, InputError
+from qrobust.validation import check_int, check_positive
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
              (8000, 256))

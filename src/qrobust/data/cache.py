@@ -12,12 +12,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
+from qrobust.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -96,26 +97,17 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> bool:
     Stale siblings for the same dataset, split and source path are removed. Returns False (with a warning)
     if the cache folder is not writable: caching is an optimisation, never a reason to fail.
     """
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a cache may be shared
-        os.replace(tmp_name, path)
-        tmp_name = None
+
+    try:
+        atomic_write(path, write)
     except OSError as e:
         log.warning(
             "could not write cache file %s (%s); set QROBUST_CACHE or cache_dir to a writable folder", path, e
         )
         return False
-    finally:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
     prefix = path.name.rsplit("-", 1)[0] + "-"
     for old in path.parent.glob(prefix + "*.npz"):
         if old != path:

@@ -8,16 +8,15 @@ appended, or a template containing ``{name}`` (the qrobust dataset name), e.g.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from qrobust.errors import ConfigError, DataError
+from qrobust.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +92,11 @@ def download_file(url: str, dest: Path, *, checksum: str | None = None, timeout:
     verified; on any failure the temp file is removed and a DataError says what happened.
     """
     algo = _algorithm(checksum) if checksum else "sha256"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     h = hashlib.new(algo)
-    try:
+
+    def write(tmp: str) -> None:
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
                 for block in iter(lambda: resp.read(_CHUNK), b""):
                     out.write(block)
                     h.update(block)
@@ -114,13 +112,8 @@ def download_file(url: str, dest: Path, *, checksum: str | None = None, timeout:
                 f"checksum mismatch for {url}: expected {algo} {checksum}, got {got}; the download "
                 "is corrupt or the mirror serves a different file - try again or use another mirror"
             )
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; datasets are for everyone to read
-        os.replace(tmp_name, dest)
-        tmp_name = None
-    finally:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
+
+    atomic_write(dest, write)
     log.info("downloaded %s -> %s", url, dest)
     return dest
 

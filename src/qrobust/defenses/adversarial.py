@@ -48,26 +48,9 @@ from torch import nn
 from qrobust.defenses.objectives import register_objective
 from qrobust.defenses.perturb import ce_per_sample, check_mode, crafting, linf_perturb
 from qrobust.errors import ConfigError
+from qrobust.validation import check_eps, check_positive
 
-__all__ = ["AdversarialObjective", "FgsmRS", "PgdAT", "Trades", "check_eps"]
-
-
-def check_eps(eps: Any) -> float:
-    """ε as a fraction of the [0, 1] pixel range: a finite number in (0, 1]."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        raise ConfigError(f"eps must be a number, got {eps!r}; give it as a fraction in Python (eps=8/255)")
-    if not 0 < eps <= 1:
-        raise ConfigError(
-            f"eps must be in (0, 1], got {eps}: it is an L∞ radius on the [0, 1] pixel scale — give 8/255 "
-            f"in Python (the CLI's --eps 8 is on the 0–255 scale)"
-        )
-    return float(eps)
-
-
-def check_step(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive number (a step on the [0, 1] pixel scale), got {value!r}")
-    return float(value)
+__all__ = ["AdversarialObjective", "FgsmRS", "PgdAT", "Trades"]
 
 
 def check_count(name: str, value: Any) -> int:
@@ -84,7 +67,7 @@ class AdversarialObjective:
     recommended_fit: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, *, eps: float, craft_mode: str = "train") -> None:
-        self.eps = check_eps(eps)
+        self.eps = check_eps(eps, "Linf", positive=True)
         self.craft_mode = check_mode(craft_mode)
 
     def config(self) -> dict[str, Any]:
@@ -113,7 +96,7 @@ class PgdAT(AdversarialObjective):
         craft_mode: str = "train",
     ) -> None:
         super().__init__(eps=eps, craft_mode=craft_mode)
-        self.alpha = check_step("alpha", alpha) if alpha is not None else self.eps / 4
+        self.alpha = check_positive("alpha", alpha) if alpha is not None else self.eps / 4
         self.steps = check_count("steps", steps)
         if not isinstance(random_start, bool):
             raise ConfigError(f"random_start must be True or False, got {random_start!r}")
@@ -137,7 +120,7 @@ class FgsmRS(AdversarialObjective):
 
     def __init__(self, *, eps: float = 8 / 255, alpha: float | None = None, craft_mode: str = "train") -> None:
         super().__init__(eps=eps, craft_mode=craft_mode)
-        self.alpha = check_step("alpha", alpha) if alpha is not None else 1.25 * self.eps
+        self.alpha = check_positive("alpha", alpha) if alpha is not None else 1.25 * self.eps
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_adv = linf_perturb(
@@ -169,7 +152,7 @@ class Trades(AdversarialObjective):
         craft_mode: str = "train",
     ) -> None:
         super().__init__(eps=eps, craft_mode=craft_mode)
-        self.alpha = check_step("alpha", alpha) if alpha is not None else self.eps / 4
+        self.alpha = check_positive("alpha", alpha) if alpha is not None else self.eps / 4
         self.steps = check_count("steps", steps)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ConfigError(f"beta must be a number ≥ 0 (TRADES uses 6), got {beta!r}")

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust.defenses.adversarial import check_eps, check_step
 from qrobust.errors import ConfigError
+from qrobust.utils import eval_mode, model_device
+from qrobust.validation import check_eps, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,11 @@ class OverfitGuard:
             raise ConfigError(f"the guard needs a non-empty held-out batch with one label per image, got "
                               f"{len(x)} images and {len(y)} labels")
         self.x, self.y = x.detach(), y.detach()
-        self.eps = check_eps(eps)
+        self.eps = check_eps(eps, "Linf", positive=True)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"steps must be an integer ≥ 1, got {steps!r}")
         self.steps = steps
-        self.alpha = check_step("alpha", alpha) if alpha is not None else self.eps / 4
+        self.alpha = check_positive("alpha", alpha) if alpha is not None else self.eps / 4
         self.drop = _fraction("drop", drop)
         self.gap = _fraction("gap", gap)
         if action not in ACTIONS:
@@ -115,21 +116,17 @@ class OverfitGuard:
         """``(fgsm_acc, pgd_acc)`` of ``model`` on the held-out batch (its train/eval mode is restored)."""
         from qrobust.attacks import FGSM, PGD
 
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = model_device(model)
         x, y = self.x.to(device), self.y.to(device)
         fgsm = FGSM(model, eps=self.eps, gradients=self.gradients)
         pgd = PGD(model, eps=self.eps, alpha=self.alpha, steps=self.steps, seed=self.seed,
                   gradients=self.gradients)
-        was_training = model.training
         out = []
-        try:
+        with eval_mode(model):
             for atk in (fgsm, pgd):
                 x_adv = atk(x, y)
-                model.eval()
                 with torch.no_grad():
                     out.append(float((model(x_adv).argmax(1) == y).float().mean()))
-        finally:
-            model.train(was_training)
         return out[0], out[1]
 
     def __call__(self, record: dict[str, Any], model: nn.Module) -> str | None:

@@ -73,10 +73,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrobust.defenses.adversarial import AdversarialObjective, check_step
+from qrobust.defenses.adversarial import AdversarialObjective
 from qrobust.defenses.objectives import register_objective
 from qrobust.defenses.perturb import ce_per_sample, clip_linf, cw_per_sample, linf_perturb, random_delta
 from qrobust.errors import ConfigError
+from qrobust.validation import check_positive
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +256,8 @@ class OdgQ(AdversarialObjective):
         self.radius_scale = float(radius_scale)
         #: the L∞ radius the training domains are built in: radius_scale·ε (at most 1)
         self.radius = min(self.radius_scale * self.eps, 1.0)
-        self.alpha = check_step("alpha", alpha) if alpha is not None else 1.25 * self.radius
-        self.carry_alpha = check_step("carry_alpha", carry_alpha) if carry_alpha is not None else self.radius / 2
+        self.alpha = check_positive("alpha", alpha) if alpha is not None else 1.25 * self.radius
+        self.carry_alpha = check_positive("carry_alpha", carry_alpha) if carry_alpha is not None else self.radius / 2
         if isinstance(craft_fraction, bool) or not isinstance(craft_fraction, (int, float)) \
                 or not 0.0 <= craft_fraction <= 1.0:
             raise ConfigError(f"craft_fraction must be in [0, 1], got {craft_fraction!r}")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import ConfigError
+from qrobust.utils import eval_mode
 
 _CONV_SUFFIXES = ("Conv1d", "Conv2d", "Conv3d")
 
@@ -51,16 +52,12 @@ def _forward_order(
         )
         for name, m in layers
     ]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return calls
 
 

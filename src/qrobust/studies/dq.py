@@ -463,11 +463,10 @@ def run_dq_study(
             amplification_sweep,
             plot_amplification,
         )
-        from qrobust.checkpoint import atomic_write_text
         from qrobust.data import load_dataset
         from qrobust.quant import QuantSpec, quantize
         from qrobust.training import FitConfig
-        from qrobust.utils import progress, seed_everything
+        from qrobust.utils import atomic_write_text, progress, seed_everything
 
         t_start = time.perf_counter()
         d = {**_FALLBACK, **DATASET_DEFAULTS.get(dataset, {})}

@@ -298,11 +298,11 @@ def _run(*, dataset: str, model: str | None, bits: Sequence[int], recipes: Seque
          data_dir: str | Path | None, resume: bool,
          threads: int) -> dict[str, Any]:
     import qrobust
-    from qrobust.checkpoint import atomic_write_text
     from qrobust.data import load_dataset
-    from qrobust.defenses.adversarial import check_eps
     from qrobust.defenses.guards import OverfitGuard
     from qrobust.training import FitConfig, fit
+    from qrobust.utils import atomic_write_text
+    from qrobust.validation import check_eps
 
     t_start = time.perf_counter()
     bits_l = [int(b) for b in bits]
@@ -338,7 +338,7 @@ def _run(*, dataset: str, model: str | None, bits: Sequence[int], recipes: Seque
         eps_by = {b: eps[b] for b in bits_l}
     else:
         eps_by = {b: eps for b in bits_l}
-    eps_by = {b: check_eps(e) for b, e in eps_by.items()}
+    eps_by = {b: check_eps(e, "Linf", positive=True) for b, e in eps_by.items()}
     eps_v = eps_by[bits_l[0]]  # the float PGD-AT source is trained at the first bit-width's ε
     epochs_v = epochs or d["epochs"]
     root = None if data_dir is None else Path(data_dir)
