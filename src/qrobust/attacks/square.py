@@ -135,7 +135,13 @@ class Square(Attack):
         self, x: torch.Tensor, y: torch.Tensor, queries: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, c, h, w = x.shape
-        x_best = self._init_linf(x) if self.norm == "Linf" else self._init_l2(x)
+        if self.norm == "Linf":
+            # the two corners of each pixel's ε-interval, projected once: every L∞ proposal picks between
+            # them inside its window, so no proposal needs a projection of its own
+            lo, hi = self.project(x - self.eps, x), self.project(x + self.eps, x)
+            x_best = torch.where(self.rademacher((n, c, 1, w)) > 0, hi, lo)
+        else:
+            x_best = self._init_l2(x)
         m_best, fooled = self._margin(x_best, y)
         queries += 1
         for it in range(self.n_queries - 1):
@@ -144,7 +150,7 @@ class Square(Attack):
                 break
             p = self._p(it)
             if self.norm == "Linf":
-                x_new = self._propose_linf(x[act], x_best[act], p)
+                x_new = self._propose_linf(lo[act], hi[act], x_best[act], p)
             else:
                 x_new = self._propose_l2(x[act], x_best[act], p)
             m_new, f_new = self._margin(x_new, y[act])
@@ -154,25 +160,22 @@ class Square(Attack):
             x_best[ak], m_best[ak], fooled[ak] = x_new[keep], m_new[keep], f_new[keep]
         return x_best, fooled, -m_best
 
-    def _init_linf(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        return self.project(x + self.eps * self.rademacher((n, c, 1, w)), x)
-
-    def _propose_linf(self, x: torch.Tensor, x_best: torch.Tensor, p: float) -> torch.Tensor:
-        n, c, h, w = x.shape
+    def _propose_linf(self, lo: torch.Tensor, hi: torch.Tensor, x_best: torch.Tensor, p: float) -> torch.Tensor:
+        """A random square window set to one ε-corner per channel (``lo`` or ``hi``, the projected x ∓ ε);
+        a proposal equal to the current point would waste a query, so its signs are drawn again."""
+        n, c, h, w = x_best.shape
         s = min(max(int(round(math.sqrt(p * h * w))), 1), h, w)
         vh = self.randint(0, h - s + 1, (n,))
         vw = self.randint(0, w - s + 1, (n,))
         win = self._window(vh, vw, s, h, w)
-        x_new = x_best.clone()
-        redo = torch.ones(n, dtype=torch.bool, device=x.device)
-        for _ in range(10):  # a proposal equal to the current point wastes a query: draw its signs again
-            signs = self.rademacher((n, c, 1, 1))
-            cand = self.project(torch.where(win, x + self.eps * signs, x_best), x)
-            x_new = torch.where(_per_sample(redo, x), cand, x_new)
-            redo = (x_new == x_best).reshape(n, -1).all(dim=1)
-            if not bool(redo.any()):
+        x_new = torch.where(win, torch.where(self.rademacher((n, c, 1, 1)) > 0, hi, lo), x_best)
+        redo = (x_new == x_best).reshape(n, -1).all(dim=1).nonzero().squeeze(1)
+        for _ in range(9):  # only the samples whose proposal changed nothing draw again
+            if redo.numel() == 0:
                 break
+            signs = self.rademacher((redo.numel(), c, 1, 1))
+            x_new[redo] = torch.where(win[redo], torch.where(signs > 0, hi[redo], lo[redo]), x_best[redo])
+            redo = redo[(x_new[redo] == x_best[redo]).reshape(redo.numel(), -1).all(dim=1)]
         return x_new
 
     def _init_l2(self, x: torch.Tensor) -> torch.Tensor:
