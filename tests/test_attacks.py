@@ -889,3 +889,52 @@ def test_registry_and_factory(cnn, mlp, digits):
         make_attack("deepfool", cnn)
     with pytest.raises(ConfigError, match="implies"):
         make_attack("apgd-ce", cnn, loss="dlr")
+
+
+# ----------------------------------------------------------------------------- what each attack declares
+#: class → (black_box, single_step, supports_targeted, diagnostic_role, steps_in_label), each declared in the
+#: attack's own file (an attack derived from another must not inherit a fact by accident: BIM is a PGD
+#: without the PGD reference role, CWLinf a PGD whose label does not name its steps)
+FACTS: dict[type, tuple[bool, bool, bool, str | None, bool]] = {
+    FGSM: (False, True, True, "fgsm", False),
+    RFGSM: (False, True, True, None, False),
+    BIM: (False, False, True, None, True),
+    PGD: (False, False, True, "pgd", True),
+    PGDL2: (False, False, True, "pgd", True),
+    MIFGSM: (False, False, True, None, True),
+    CW: (False, False, True, None, False),
+    CWLinf: (False, False, True, None, False),
+    APGD: (False, False, True, None, False),
+    APGDT: (False, False, False, None, False),
+    Square: (True, False, True, None, False),
+    SPSA: (True, False, True, None, False),
+    Transfer: (True, False, True, None, False),
+}
+FACT_NAMES = ("black_box", "single_step", "supports_targeted", "diagnostic_role", "steps_in_label")
+#: registry name → whether an attack built with the defaults draws random numbers
+RANDOMIZED = {"fgsm": False, "rfgsm": True, "bim": False, "pgd": True, "pgdl2": True, "mifgsm": False,
+              "cw": False, "cwlinf": True, "apgd-ce": True, "apgd-dlr": True, "apgd-t": True, "square": True,
+              "square-l2": True, "spsa": True, "transfer": True}
+
+
+def test_every_registered_attack_declares_its_class_facts():
+    assert set(ATTACKS.values()) == set(FACTS)
+    for cls, expected in FACTS.items():
+        for fact, want in zip(FACT_NAMES, expected):
+            assert fact in vars(cls), f"{cls.__name__}.{fact} is inherited, not declared in its own file"
+            assert getattr(cls, fact) == want, (cls.__name__, fact)
+    assert all(Attack.__dict__[f] in (False, True, None) for f in FACT_NAMES)  # the base has defaults
+
+
+def test_instances_never_overwrite_class_facts(cnn, mlp):
+    assert set(RANDOMIZED) == set(ATTACKS)
+    for name in ATTACKS:
+        extra = {"source": mlp} if name == "transfer" else {}
+        atk = make_attack(name, cnn, **extra)
+        assert not {"name", "randomized", *FACT_NAMES} & set(vars(atk)), name
+        assert atk.randomized is RANDOMIZED[name], name
+    # where a setting decides, the instance's property follows it
+    assert PGD(cnn, random_start=False).randomized is False and PGDL2(cnn, random_start=False).randomized is False
+    assert Transfer(cnn, source=mlp, attack="bim").randomized is False
+    assert Transfer(cnn, source=mlp, attack="pgd").randomized is True
+    assert APGDT(cnn, loss="ce").name == "apgd-t-ce" and APGD(cnn, loss="dlr").name == "apgd-dlr"

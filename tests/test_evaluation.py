@@ -25,10 +25,11 @@ from qrobust.analysis import (
     gradient_health,
     input_gradients,
 )
-from qrobust.attacks import ATTACKS, FGSM, PGD
+from qrobust.attacks import ATTACKS, FGSM, PGD, Attack
 from qrobust.data import BatchLoader, load_dataset
 from qrobust.errors import ConfigError, InputError
-from qrobust.evaluation import RobustnessReport, evaluate
+from qrobust.evaluation import RobustnessReport, SuiteEntry, evaluate, suite_entries
+from qrobust.evaluation.suites import BuildSettings, build_entry, mark_roles
 from qrobust.models import build_model
 from qrobust.quant import quantize
 from qrobust.quant.modes import round_q
@@ -355,6 +356,64 @@ def test_instances_and_factories_in_a_custom_suite(float_model, test_xy):
     assert labels == ["fgsm", "pgd-3"]
     assert r.result().attacks[1].settings["seed"] == 3  # the factory received the evaluation's seed
     assert r.result().attacks[0].individual  # the FGSM of a custom suite runs on every sample
+
+
+class SignNoise(Attack):
+    """A black-box attack defined here, not in qrobust: random ±ε signs, no gradients. Its class says so."""
+
+    name = "sign-noise"
+    black_box = True
+    randomized = True
+    single_step = True
+
+    def __init__(self, model: nn.Module, *, eps: float = 0.1, **kwargs) -> None:
+        super().__init__(model, eps=eps, norm="Linf", **kwargs)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.project(x + self.eps * self.rademacher(x.shape), x)
+
+
+def test_an_attack_that_declares_black_box_gets_no_gradients_and_counts_as_black_box(
+        float_model, test_xy, monkeypatch):
+    settings = BuildSettings(model=float_model, norm="Linf", gradients="native", seed=0, surrogate=None)
+    for item in (SignNoise, "sign-noise"):  # a factory (the class), or a name once in the registry
+        if isinstance(item, str):
+            monkeypatch.setitem(ATTACKS, "sign-noise", SignNoise)
+        b = build_entry(SuiteEntry("", item), eps=EPS, settings=settings, overrides={})
+        assert "gradients" not in b.kwargs and b.attack.gradients == "ste"  # not handed the suite's mode
+        assert b.black_box and b.gradients is None and b.label == "sign-noise"
+    pgd = build_entry(SuiteEntry("", "pgd"), eps=EPS, settings=settings, overrides={})
+    assert pgd.kwargs["gradients"] == "native" and not pgd.black_box
+
+    suite = [("pgd", {"steps": 5, "alpha": "eps/4"}), ("sign-noise", {"individual": True}), SignNoise]
+    r = evaluate(float_model, test_xy, suite=suite, eps=EPS, diagnostic_n=48, diagnostic_steps=5)
+    atk = r.result().attacks
+    assert [a.label for a in atk] == ["pgd-5", "sign-noise", "sign-noise#2"]
+    assert [a.black_box for a in atk] == [False, True, True] and atk[1].gradients is None
+    bb = next(d for d in r.diagnostics if d.name == "black_box_beats_white_box")
+    assert bb.checked and set(bb.numbers["white_box"]) == {"pgd-5"}
+    assert set(bb.numbers["black_box"]) == {"sign-noise"}
+    assert set(bb.numbers["black_box_extra"]) == {"sign-noise", "sign-noise#2"}
+
+
+def test_custom_suite_roles_come_from_the_attack_classes(float_model, test_xy):
+    """BIM and CW-L∞ are PGDs by class but not the diagnostics' PGD reference; the first PGD is."""
+    suite = [("bim", {"steps": 3}), ("cwlinf", {"steps": 3}), ("pgd", {"steps": 4, "alpha": "eps/4"}), "fgsm"]
+    entries = suite_entries(suite)
+    mark_roles(entries)
+    assert [e.role for e in entries] == [None, None, "pgd", "fgsm"]
+    assert [e.individual for e in entries] == [False, False, True, True]
+    r = evaluate(float_model, test_xy, suite=suite, eps=EPS, diagnostic_n=48, diagnostic_steps=5)
+    assert [a.label for a in r.result().attacks] == ["bim-3", "cwlinf", "pgd-4", "fgsm"]
+    conv = next(d for d in r.diagnostics if d.name == "not_converged")
+    assert conv.numbers["steps"] == 4  # the suite's own PGD, rebuilt with twice its steps
+
+
+def test_package_top_exports_evaluate_and_the_report():
+    import qrobust
+
+    assert qrobust.evaluate is evaluate and qrobust.RobustnessReport is RobustnessReport
+    assert {"evaluate", "RobustnessReport"} <= set(qrobust.__all__)
 
 
 # ------------------------------------------------------------------------------ adversarial examples

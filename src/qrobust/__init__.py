@@ -8,12 +8,14 @@ The public API on one screen::
     fit(model, data, objective=...)      training  → trained model, run folder, metrics.jsonl
     save(model, path) / load(path)       checkpoint→ safetensors + JSON metadata, never pickle
     PGD(model, eps=...)(x, y)            attacks   → adversarial examples (ste/native/surrogate gradients)
+    evaluate(model, data, suite=...)     evaluation→ RobustnessReport: per-sample worst case + diagnostics
 """
 
 from qrobust._version import __version__  # noqa: E402
 from qrobust.checkpoint import load, save  # noqa: E402
 from qrobust.data import load_dataset  # noqa: E402
 from qrobust.errors import CheckpointError, ConfigError, DataError, InputError, QrobustError
+from qrobust.evaluation import RobustnessReport, evaluate
 from qrobust.models import build_model  # noqa: E402
 from qrobust.quant import QuantSpec, describe, quantize  # noqa: E402
 from qrobust.training import FitConfig, accuracy, fit  # noqa: E402
@@ -26,10 +28,12 @@ __all__ = [
     "InputError",
     "QrobustError",
     "QuantSpec",
+    "RobustnessReport",
     "__version__",
     "accuracy",
     "build_model",
     "describe",
+    "evaluate",
     "fit",
     "load",
     "load_dataset",

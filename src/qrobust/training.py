@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qrobust import checkpoint as ckpt
+from qrobust.data.inputs import as_batches
 from qrobust.defenses.objectives import make_objective, split_output
 from qrobust.errors import CheckpointError, ConfigError
 from qrobust.utils import atomic_write_text, eval_mode, model_device, progress, seed_everything
@@ -138,76 +139,6 @@ def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
 
 
 # ------------------------------------------------------------------------------------------- data
-class TensorBatches:
-    """Batches of an in-memory ``(x, y)`` pair, reshuffled per epoch from a seed; DDP-sharded."""
-
-    def __init__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
-        self.batch_view: Any = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _indices(self) -> torch.Tensor:
-        n = len(self.y)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            idx = torch.randperm(n, generator=g)
-        else:
-            idx = torch.arange(n)
-        per = n // self.world_size
-        return idx[self.rank * per : (self.rank + 1) * per] if self.world_size > 1 else idx
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.y) // self.world_size / self.batch_size)
-
-    def __iter__(self):
-        from qrobust.data import BatchView
-
-        idx = self._indices()
-        for i in range(0, len(idx), self.batch_size):
-            j = idx[i : i + self.batch_size]
-            self.batch_view = BatchView(j)
-            yield self.x[j], self.y[j]
-
-
-def as_batches(
-    data: Any, batch_size: int, *, shuffle: bool, augment: bool | None, seed: int, rank: int = 0, world_size: int = 1
-) -> Iterable:
-    """Anything qrobust trains or evaluates on — an ArrayDataset, a DataLoader/BatchLoader, an (x, y) pair —
-    as an iterable of ``(x, y)`` batches."""
-    from qrobust.data import ArrayDataset, BatchLoader
-
-    if isinstance(data, ArrayDataset):
-        if augment is None:
-            augment = "auto" if shuffle else False  # the standard one: crop+flip for 32×32 RGB, none for digits
-        return BatchLoader(
-            data, batch_size, shuffle=shuffle, augment=augment, seed=seed, rank=rank, world_size=world_size
-        )
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        if len(x) != len(y):
-            raise ConfigError(f"x and y have different lengths: {len(x)} vs {len(y)}")
-        return TensorBatches(x, y, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
-    if isinstance(data, Iterable):
-        return data
-    raise ConfigError(
-        f"cannot train or evaluate on a {type(data).__name__}: give an ArrayDataset, a DataLoader "
-        "or an (x, y) pair of tensors"
-    )
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Any, *, batch_size: int = 512, max_batches: int | None = None) -> float:
     """Clean top-1 accuracy of ``model`` (put in eval mode, restored afterwards) on ``data``."""

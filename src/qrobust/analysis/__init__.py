@@ -37,6 +37,7 @@ from qrobust.analysis.amplification import (  # noqa: E402
     amplification_sweep,
     plot_amplification,
 )
+from qrobust.analysis.diagnose import DiagnosticSettings, diagnose  # noqa: E402
 from qrobust.analysis.lipschitz import (  # noqa: E402
     conv_spectral_norm,
     format_lipschitz_table,
@@ -46,11 +47,13 @@ from qrobust.analysis.lipschitz import (  # noqa: E402
 )
 
 __all__ += [
+    "DiagnosticSettings",
     "amplification",
     "amplification_report",
     "amplification_summary",
     "amplification_sweep",
     "conv_spectral_norm",
+    "diagnose",
     "format_lipschitz_table",
     "lipschitz_bound",
     "lipschitz_table",

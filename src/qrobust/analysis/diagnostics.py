@@ -4,7 +4,8 @@ A quantized network is the textbook case of gradient masking: the literal gradie
 almost everywhere, so a gradient attack that trusts autograd stalls and the model *looks* robust. These
 checks follow the spirit of AutoAttack's automatic flags and of ART's security curve; each returns a
 :class:`Diagnostic` — a named flag with its evidence in words and the numbers behind it — and
-:func:`qrobust.evaluation.evaluate` runs all of them with every report:
+:func:`qrobust.evaluation.evaluate` runs all of them with every report (what it measures for them:
+:mod:`qrobust.analysis.diagnose`):
 
 =============================== ==============================================================================
 ``zero_gradients``              the input gradient of the loss is all-zero or non-finite for many samples in
@@ -37,8 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qrobust.attacks.base import GRADIENTS
 from qrobust.errors import ConfigError, InputError
 from qrobust.quant.modes import attack_mode, gradient_mode, quantization_disabled
+from qrobust.utils import eval_mode
+from qrobust.validation import check_choice
 
 #: the checks, in the order reports list them, with a one-line title each
 CHECKS: dict[str, str] = {
@@ -140,17 +144,6 @@ class GradientHealth:
                 "masked_fraction": self.masked_fraction}
 
 
-@contextmanager
-def _eval_mode(net: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
-        yield
-    finally:
-        for m, t in modes:
-            m.training = t
-
-
 def input_gradients(
     model: nn.Module,
     x: torch.Tensor,
@@ -166,8 +159,7 @@ def input_gradients(
     tensor like ``x`` (on ``x``'s device); zeros when the output does not depend on ``x`` differentiably
     (e.g. a model that detaches its input). Non-finite entries are kept, so they can be counted.
     """
-    if gradients not in ("ste", "native", "surrogate"):
-        raise ConfigError(f"gradients must be 'ste', 'native' or 'surrogate', got {gradients!r}")
+    check_choice("gradients", gradients, GRADIENTS)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise InputError(f"x must be a float batch N×…, got {getattr(x, 'shape', type(x).__name__)}")
     if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
@@ -181,7 +173,7 @@ def input_gradients(
         disabled: Any = quantization_disabled(model) if surrogate is None else _null()
     else:
         ctx, disabled = gradient_mode(attack_mode(gradients)), _null()
-    with torch.inference_mode(False), torch.enable_grad(), _eval_mode(net), ctx, disabled:
+    with torch.inference_mode(False), torch.enable_grad(), eval_mode(net), ctx, disabled:
         logits = net(xg)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             got = getattr(logits, "shape", type(logits).__name__)

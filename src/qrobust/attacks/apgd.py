@@ -62,8 +62,12 @@ class APGD(Attack):
     ``eps=None`` means 8/255 in L∞ and 0.5 in L2.
     """
 
-    name = "apgd"
+    black_box = False
     randomized = True
+    single_step = False
+    supports_targeted = True
+    diagnostic_role = None
+    steps_in_label = False
 
     def __init__(
         self,
@@ -82,7 +86,11 @@ class APGD(Attack):
         self.restarts = check_int("restarts", restarts)
         self.loss = check_choice("loss", loss, self._losses())
         self.rho = check_positive("rho", rho, maximum=1.0)
-        self.name = f"{type(self).name}-{loss}"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """``apgd-ce`` or ``apgd-dlr``: the registry name of this loss."""
+        return f"apgd-{self.loss}"
 
     @staticmethod
     def _losses() -> tuple[str, ...]:

@@ -22,8 +22,12 @@ from qrobust.validation import check_int
 class APGDT(APGD):
     """Targeted-DLR APGD over the top ``n_target_classes`` classes (``loss="ce"``: targeted CE instead)."""
 
-    name = "apgd-t"
+    black_box = False
+    randomized = True
+    single_step = False
     supports_targeted = False
+    diagnostic_role = None
+    steps_in_label = False
 
     def __init__(
         self,
@@ -41,7 +45,11 @@ class APGDT(APGD):
         super().__init__(model, eps=eps, norm=norm, n_iter=n_iter, restarts=restarts, loss=loss, rho=rho,
                          **kwargs)
         self.n_target_classes = check_int("n_target_classes", n_target_classes)
-        self.name = "apgd-t" if loss == "dlr" else "apgd-t-ce"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """``apgd-t`` (targeted DLR, the registry name) or ``apgd-t-ce``."""
+        return "apgd-t" if self.loss == "dlr" else "apgd-t-ce"
 
     def _loss_fn(self, num_classes: int) -> LossFn:
         if self.loss == "dlr":

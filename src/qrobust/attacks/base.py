@@ -188,11 +188,27 @@ class Attack(ABC):
     The surrogate model must live on the same device as ``model``.
     """
 
+    # What the attack is, declared by each attack in its own file and read from the class — by the suites
+    # (before an attack is built) and by the diagnostics. A fact that depends on a setting is a read-only
+    # property of the class that has the setting (PGD's ``randomized`` follows ``random_start``, APGD's
+    # ``name`` its loss, Transfer's ``randomized`` its source attack); an instance never assigns one.
+
+    #: the name reports and the registry use (a property where a setting picks the variant, e.g. APGD's loss)
     name: ClassVar[str] = "attack"
+    #: never differentiates the attacked model (score-based, gradient-free or transfer): a suite does not hand
+    #: it ``gradients=``, and the diagnostics count it on the black-box side of "black-box beats white-box"
+    black_box: ClassVar[bool] = False
     #: whether the attack draws random numbers (then different seeds give different results)
     randomized: ClassVar[bool] = False
+    #: one gradient step (FGSM-like): the single-step side of "single-step beats iterative"
+    single_step: ClassVar[bool] = False
     #: whether ``target=`` may be passed (APGD-T chooses its own targets and refuses one)
     supports_targeted: ClassVar[bool] = True
+    #: the reference the diagnostics reuse from a custom suite when it holds one: ``"fgsm"`` (the plain
+    #: single-step attack) or ``"pgd"`` (the plain iterative one, rebuilt with twice the steps); else ``None``
+    diagnostic_role: ClassVar[str | None] = None
+    #: a suite's default label names the step count (``pgd-20``)
+    steps_in_label: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -16,6 +16,12 @@ class BIM(PGD):
     """
 
     name = "bim"
+    black_box = False
+    randomized = False
+    single_step = False
+    supports_targeted = True
+    diagnostic_role = None
+    steps_in_label = True
 
     def __init__(
         self, model: nn.Module, *, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,

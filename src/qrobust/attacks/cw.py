@@ -31,6 +31,12 @@ class CW(Attack):
     """Carlini–Wagner L2 (``c``, ``kappa``, ``steps``, ``lr``, ``binary_search_steps``, optional ``eps``)."""
 
     name = "cw"
+    black_box = False
+    randomized = False
+    single_step = False
+    supports_targeted = True
+    diagnostic_role = None
+    steps_in_label = False
 
     def __init__(
         self,

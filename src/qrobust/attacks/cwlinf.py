@@ -17,6 +17,11 @@ class CWLinf(PGD):
     """PGD-L∞ ascending ``min(margin, kappa)``; ``kappa=0`` (default) stops pulling once misclassified."""
 
     name = "cwlinf"
+    black_box = False
+    single_step = False
+    supports_targeted = True
+    diagnostic_role = None
+    steps_in_label = False
 
     def __init__(
         self,

@@ -23,6 +23,12 @@ class FGSM(Attack):
     """
 
     name = "fgsm"
+    black_box = False
+    randomized = False
+    single_step = True
+    supports_targeted = True
+    diagnostic_role = "fgsm"
+    steps_in_label = False
 
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, **kwargs: Any) -> None:
         super().__init__(model, eps=eps, norm="Linf", **kwargs)

@@ -15,6 +15,12 @@ class MIFGSM(PGD):
     """``g ← decay·g + ∇/‖∇‖₁``, ``x ← Π(x + α·sign(g))``; no random start (deterministic)."""
 
     name = "mifgsm"
+    black_box = False
+    randomized = False
+    single_step = False
+    supports_targeted = True
+    diagnostic_role = None
+    steps_in_label = True
 
     def __init__(
         self,

@@ -34,7 +34,11 @@ class PGD(Attack):
     """Projected gradient descent in L∞ (hyperparameters as torchattacks, plus ``restarts``)."""
 
     name = "pgd"
-    randomized = True
+    black_box = False
+    single_step = False
+    supports_targeted = True
+    diagnostic_role = "pgd"
+    steps_in_label = True
     _NORM: ClassVar[str] = "Linf"
 
     def __init__(
@@ -56,12 +60,16 @@ class PGD(Attack):
         if not isinstance(random_start, bool):
             raise ConfigError(f"random_start must be True or False, got {random_start!r}")
         self.random_start = random_start
-        self.randomized = random_start
         self.restarts = check_int("restarts", restarts)
         self.loss = check_choice("loss", loss, LOSSES)
         if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or math.isnan(kappa):
             raise ConfigError(f"kappa must be a number ≥ 0 (or math.inf), got {kappa!r}")
         self.kappa = check_positive("kappa", kappa, allow_zero=True) if math.isfinite(kappa) else math.inf
+
+    @property
+    def randomized(self) -> bool:  # type: ignore[override]
+        """A random start draws random numbers; without one the trajectory is deterministic."""
+        return self.random_start
 
     # --------------------------------------------------------------------------------- the pieces
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,11 @@ class PGDL2(PGD):
     """
 
     name = "pgdl2"
+    black_box = False
+    single_step = False
+    supports_targeted = True
+    diagnostic_role = "pgd"
+    steps_in_label = True
     _NORM = "L2"
 
     def __init__(

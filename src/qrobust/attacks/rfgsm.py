@@ -21,7 +21,12 @@ class RFGSM(Attack):
     """
 
     name = "rfgsm"
+    black_box = False
     randomized = True
+    single_step = True
+    supports_targeted = True
+    diagnostic_role = None
+    steps_in_label = False
 
     def __init__(
         self, model: nn.Module, *, eps: float = 8 / 255, alpha: float = 4 / 255, **kwargs: Any

@@ -29,7 +29,12 @@ class SPSA(Attack):
     """SPSA with Adam or sign updates (``eps``, ``steps``, ``nb_samples``, ``delta``, ``lr``, ``update``)."""
 
     name = "spsa"
+    black_box = True
     randomized = True
+    single_step = False
+    supports_targeted = True
+    diagnostic_role = None
+    steps_in_label = False
 
     def __init__(
         self,

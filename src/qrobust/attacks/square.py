@@ -76,8 +76,12 @@ class Square(Attack):
     ``eps=None`` means 8/255 in L∞ and 0.5 in L2.
     """
 
-    name = "square"
+    black_box = True
     randomized = True
+    single_step = False
+    supports_targeted = True
+    diagnostic_role = None
+    steps_in_label = False
 
     def __init__(
         self,
@@ -98,9 +102,13 @@ class Square(Attack):
         if not isinstance(rescale_schedule, bool):
             raise ConfigError(f"rescale_schedule must be True or False, got {rescale_schedule!r}")
         self.rescale_schedule = rescale_schedule
-        self.name = "square" if norm == "Linf" else "square-l2"
         #: model evaluations per sample in the last call (all restarts), int64 on the input's device side
         self.last_queries: torch.Tensor | None = None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """``square`` (L∞) or ``square-l2``: the registry name of this norm."""
+        return "square" if self.norm == "Linf" else "square-l2"
 
     # ------------------------------------------------------------------------------------ schedule
     def _p(self, it: int) -> float:

@@ -30,6 +30,11 @@ class Transfer(Attack):
     """Adversarials from ``source_attack`` (or ``attack`` built on ``source``), judged on ``model``."""
 
     name = "transfer"
+    black_box = True
+    single_step = False
+    supports_targeted = True
+    diagnostic_role = None
+    steps_in_label = False
 
     def __init__(
         self,
@@ -67,8 +72,12 @@ class Transfer(Attack):
         self.source_attack = source_attack
         super().__init__(model, eps=source_attack.eps, norm=source_attack.norm, early_stop=early_stop,
                          targeted=targeted, seed=source_attack.seed, allow_unbounded=True)
-        self.randomized = source_attack.randomized
         self.attack = source_attack.name
+
+    @property
+    def randomized(self) -> bool:  # type: ignore[override]
+        """The source attack decides: a transfer draws random numbers only through it."""
+        return self.source_attack.randomized
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         idx = self.todo.nonzero().squeeze(1)

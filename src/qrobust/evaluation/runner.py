@@ -1,0 +1,330 @@
+"""The evaluation run: :func:`evaluate` — clean predictions, the attack loop over ε and suite, the per-sample
+worst case, then the diagnostics (:mod:`qrobust.analysis.diagnose`) and the report."""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import logging
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qrobust._version import __version__
+from qrobust.analysis.diagnose import DiagnosticSettings, diagnose
+from qrobust.analysis.diagnostics import DEFAULT_LARGE_EPS_MAX_ACC, DEFAULT_TOL, Diagnostic
+from qrobust.attacks import Attack, lp_norm
+from qrobust.attacks.base import GRADIENTS
+from qrobust.data.inputs import as_tensors
+from qrobust.errors import ConfigError
+from qrobust.evaluation.results import AttackResult, EpsResult, RobustnessReport, mask_str
+from qrobust.evaluation.suites import BuildSettings, BuiltAttack, SuiteEntry, build_attacks, mark_roles, suite_entries
+from qrobust.utils import eval_mode, model_device, progress
+from qrobust.validation import check_choice, check_eps
+
+log = logging.getLogger(__name__)
+
+THREAT_MODELS = ("Linf", "L2")
+
+
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    *,
+    suite: str | Sequence[Any] = "quick",
+    eps: float | Sequence[float] = 8 / 255,
+    norm: str = "Linf",
+    gradients: str = "ste",
+    n: int | None = None,
+    batch_size: int = 256,
+    seed: int | None = 0,
+    parent: nn.Module | None = None,
+    surrogate: nn.Module | None = None,
+    individual: bool = False,
+    n_queries: int | None = None,
+    attack_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    diagnostics: bool = True,
+    diagnostic_n: int = 256,
+    diagnostic_steps: int = 20,
+    large_eps: float = 0.5,
+    large_eps_max_accuracy: float = DEFAULT_LARGE_EPS_MAX_ACC,
+    tol: float = DEFAULT_TOL,
+    return_examples: bool = False,
+    model_name: str | None = None,
+    dataset: str | None = None,
+) -> RobustnessReport:
+    """Evaluate ``model`` on ``data`` under ``suite`` at ``eps`` (one value or a list) → a report.
+
+    ``data`` — an ArrayDataset (first ``n`` samples), a DataLoader/BatchLoader (batches until ``n``) or an
+    ``(x, y)`` pair. ``norm`` — ``"Linf"`` or ``"L2"``. ``gradients`` — how the white-box attacks
+    differentiate through quantizers unless a suite entry says otherwise (``"ste"``, ``"native"``,
+    ``"surrogate"``; ``surrogate=`` a float model for the latter). ``individual=True`` runs every attack on
+    every clean-correct sample (own robust accuracy for each, at up to the cost of running them all in
+    full). ``seed`` seeds every attack (``None``: fresh randomness). See :mod:`qrobust.evaluation` for the
+    suites, the sweep semantics and the cost of the diagnostics.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if norm not in THREAT_MODELS:
+        raise ConfigError(f"norm must be one of {THREAT_MODELS}, got {norm!r}")
+    check_choice("gradients", gradients, GRADIENTS)
+    for name, v in (("batch_size", batch_size), ("diagnostic_n", diagnostic_n),
+                    ("diagnostic_steps", diagnostic_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if parent is not None and not isinstance(parent, nn.Module):
+        raise ConfigError(f"parent must be a torch.nn.Module (the float model), got {type(parent).__name__}")
+
+    eps_list = [eps] if not isinstance(eps, (list, tuple)) else list(eps)
+    if not eps_list:
+        raise ConfigError("eps is an empty list; give at least one ε")
+    eps_values = sorted({check_eps(e, norm) for e in eps_list})
+    large_eps = float(check_eps(large_eps, "Linf"))
+    entries = suite_entries(suite, norm=norm, n_queries=n_queries, parent=parent)
+    overrides = {k: dict(v) for k, v in (attack_kwargs or {}).items()}
+    labels_known = [e.label for e in entries if e.label]
+    if isinstance(suite, str):
+        unknown = sorted(set(overrides) - set(labels_known))
+        if unknown:
+            raise ConfigError(f"attack_kwargs names {unknown}, which are not in suite {suite!r}: "
+                              f"{labels_known}")
+    mark_roles(entries)
+    sweep = _Sweep(entries=entries, eps_values=eps_values, overrides=overrides,
+                   check_overrides=not isinstance(suite, str), batch_size=batch_size, individual=individual,
+                   keep_examples=return_examples,
+                   build=BuildSettings(model=model, norm=norm, gradients=gradients, seed=seed, surrogate=surrogate))
+
+    x, y, ds_name = as_tensors(data, n)
+    n_total = x.shape[0]
+    with ExitStack() as restore_modes:
+        restore_modes.enter_context(eval_mode(model))
+        if parent is not None:
+            restore_modes.enter_context(eval_mode(parent))
+        pred_clean = _predict(model, x, batch_size)
+        clean_correct = pred_clean == y
+        clean_acc = float(clean_correct.float().mean())
+        log.info("clean accuracy %.2f%% on %d samples", 100 * clean_acc, n_total)
+
+        runs, examples = _run_sweep(model, x, y, pred_clean, sweep)
+
+        diags: list[Diagnostic] = []
+        diag_settings: dict[str, Any] = {}
+        if diagnostics:
+            def attack_ok(atk: Attack, xs: torch.Tensor, ys: torch.Tensor, idx: torch.Tensor,
+                          desc: str) -> torch.Tensor:
+                return _run_attack(atk, model, xs, ys, idx, batch_size=batch_size, desc=desc, keep=False)[0]
+
+            diags, diag_settings = diagnose(
+                model, x, y, clean_correct, runs, attack_ok=attack_ok,
+                settings=DiagnosticSettings(norm=norm, gradients=gradients, seed=seed, surrogate=surrogate,
+                                            batch_size=batch_size, n=diagnostic_n, steps=diagnostic_steps,
+                                            large_eps=large_eps, large_eps_max_accuracy=large_eps_max_accuracy,
+                                            tol=tol))
+
+    settings = {
+        "individual": individual,
+        "n_queries": n_queries,
+        "attack_kwargs": overrides,
+        "diagnostics": diagnostics,
+        "diagnostic_n": min(diagnostic_n, n_total),
+        "diagnostic_steps": diagnostic_steps,
+        "large_eps": large_eps,
+        "large_eps_max_accuracy": large_eps_max_accuracy,
+        "tol": tol,
+        "device": str(model_device(model)),
+        **diag_settings,
+    }
+    if suite == "quantized" and parent is None:
+        settings["transfer"] = "skipped: no parent= float model given"
+    arch = getattr(model, "qrobust_arch", None)
+    report = RobustnessReport(
+        model=model_name or (arch.get("name") if isinstance(arch, Mapping) else None) or type(model).__name__,
+        dataset=dataset or ds_name or "unknown",
+        threat_model=norm,
+        suite=suite if isinstance(suite, str) else "custom",
+        n=n_total,
+        clean_accuracy=clean_acc,
+        results=[res for res, _ in runs],
+        diagnostics=diags,
+        bits=copy.deepcopy(getattr(model, "qrobust_spec", None)),
+        gradients=gradients,
+        seed=seed,
+        batch_size=batch_size,
+        versions={"qrobust": __version__, "torch": torch.__version__,
+                  "python": platform.python_version(), "numpy": np.__version__},
+        wall_time_s=time.perf_counter() - t_start,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        arch=copy.deepcopy(arch) if isinstance(arch, Mapping) else None,
+        parent=None if parent is None else (
+            (getattr(parent, "qrobust_arch", None) or {}).get("name") or type(parent).__name__),
+        settings=json.loads(json.dumps(settings, default=str)),
+        clean=mask_str(clean_correct),
+        examples=examples,
+    )
+    for d in report.flagged:
+        where = "" if d.eps is None else f" (ε={d.eps:g})"
+        log.warning("diagnostic flag %s%s: %s", d.name, where, d.evidence)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+@dataclass(frozen=True)
+class _Sweep:
+    """What the attack loop runs: the suite's entries at each ε (ascending) and how."""
+
+    entries: list[SuiteEntry]
+    eps_values: list[float]
+    build: BuildSettings
+    overrides: dict[str, dict[str, Any]]
+    check_overrides: bool  # a custom suite: override labels are known only once built
+    batch_size: int
+    individual: bool
+    keep_examples: bool
+
+
+@dataclass
+class _WorstCase:
+    """The per-sample worst case so far: robust mask and, when kept, the adversarial example and prediction
+    that broke each sample (the clean ones for samples not broken)."""
+
+    robust: torch.Tensor
+    adv: torch.Tensor | None
+    pred: torch.Tensor | None
+
+    def copy(self) -> _WorstCase:
+        return _WorstCase(self.robust.clone(), None if self.adv is None else self.adv.clone(),
+                          None if self.pred is None else self.pred.clone())
+
+
+def _run_sweep(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, pred_clean: torch.Tensor, sweep: _Sweep
+) -> tuple[list[tuple[EpsResult, list[BuiltAttack]]], dict[str, Any] | None]:
+    """Every ε from the smallest up, each attack on the samples still robust (or on every clean-correct one
+    for its own robust accuracy) → per ε (its result, the attacks built for it), and the kept examples."""
+    clean_correct = pred_clean == y
+    examples: dict[str, Any] | None = None
+    if sweep.keep_examples:
+        examples = {"x": x, "y": y, "pred_clean": pred_clean, "x_adv": {}, "pred_adv": {}}
+    prev = _WorstCase(clean_correct.clone(), x.clone() if sweep.keep_examples else None,
+                      pred_clean.clone() if sweep.keep_examples else None)
+    runs: list[tuple[EpsResult, list[BuiltAttack]]] = []
+    for e in sweep.eps_values:
+        t_eps = time.perf_counter()
+        built = build_attacks(sweep.entries, eps=e, settings=sweep.build, overrides=sweep.overrides,
+                              check_overrides=sweep.check_overrides)
+        worst = prev.copy()
+        n_inherited = int((clean_correct & ~prev.robust).sum())
+        attack_results = [_attack_one(b, model, x, y, clean_correct, worst, e, sweep) for b in built]
+        res = EpsResult(eps=e, robust_accuracy=float(worst.robust.float().mean()), attacks=attack_results,
+                        robust=mask_str(worst.robust), n_inherited=n_inherited, time_s=time.perf_counter() - t_eps)
+        runs.append((res, built))
+        if examples is not None and worst.adv is not None:
+            examples["x_adv"][repr(e)] = worst.adv
+            examples["pred_adv"][repr(e)] = worst.pred
+        prev = worst
+    return runs, examples
+
+
+def _attack_one(b: BuiltAttack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor,
+                worst: _WorstCase, e: float, sweep: _Sweep) -> AttackResult:
+    """Run one built attack at ε ``e``, update the worst case in place → its result."""
+    # run on every clean-correct sample when asked — or for free when nothing is broken yet
+    own_run = b.individual or sweep.individual or torch.equal(worst.robust, clean_correct)
+    targets = clean_correct if own_run else worst.robust
+    idx = targets.nonzero().squeeze(1)
+    t0 = time.perf_counter()
+    ok, pred, adv, stats = _run_attack(b.attack, model, x, y, idx, batch_size=sweep.batch_size,
+                                       desc=f"{b.label} ε={e:.4g}", keep=sweep.keep_examples)
+    dt = time.perf_counter() - t0
+    before = worst.robust.clone()
+    worst.robust[idx[~ok]] = False
+    newly = before & ~worst.robust
+    if worst.adv is not None and adv is not None and worst.pred is not None:
+        sel = newly[idx]
+        worst.adv[idx[sel]] = adv[sel]
+        worst.pred[idx[sel]] = pred[sel]
+    own_mask = None
+    own_acc = None
+    if own_run:
+        own_mask = torch.zeros(x.shape[0], dtype=torch.bool)
+        own_mask[idx] = ok
+        own_acc = float(own_mask.float().mean())
+    res = AttackResult(
+        label=b.label,
+        attack=str(b.attack.name),
+        settings=b.settings(),
+        black_box=b.black_box,
+        gradients=b.gradients,
+        individual=own_run,
+        n_attacked=int(idx.numel()),
+        n_broken=int(newly.sum()),
+        robust_accuracy=own_acc,
+        robust_accuracy_after=float(worst.robust.float().mean()),
+        time_s=dt,
+        stats=stats,
+        robust=None if own_mask is None else mask_str(own_mask),
+    )
+    log.info("ε=%.4g %s: %s after %.2f%% (broke %d) in %.1fs", e, b.label,
+             "own %.2f%%," % (100 * own_acc) if own_acc is not None else "", 100 *
+             res.robust_accuracy_after, res.n_broken, dt)
+    return res
+
+
+# ------------------------------------------------------------------------------------- running attacks
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    dev = model_device(model)
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        out.append(model(x[i:i + batch_size].to(dev)).argmax(dim=1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def _run_attack(
+    atk: Attack,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    batch_size: int,
+    desc: str,
+    keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, int]]:
+    """Attack the samples ``idx`` in batches; score on ``model``. Returns (still-correct (len(idx),) bool,
+    prediction after the attack, x_adv of those samples if ``keep``, summed attack counters)."""
+    ok = torch.zeros(idx.numel(), dtype=torch.bool)
+    pred = torch.zeros(idx.numel(), dtype=torch.long)
+    advs: list[torch.Tensor] = []
+    stats: dict[str, int] = {}
+    dev = model_device(model)
+    starts = range(0, idx.numel(), batch_size)
+    for s in progress(starts, desc=desc, total=len(starts)):
+        b = idx[s:s + batch_size]
+        xb, yb = x[b], y[b]
+        x_adv = atk(xb, yb)
+        dist = lp_norm(x_adv.float() - xb, atk.norm)
+        outside = bool((dist > atk.eps * (1 + 1e-5) + 1e-6).any())
+        if outside or float(x_adv.min()) < 0 or float(x_adv.max()) > 1:
+            raise RuntimeError(f"{atk!r} returned examples outside the threat model (max distance "
+                               f"{float(dist.max()):.6g} > ε={atk.eps}); this is a bug in the attack")
+        with torch.no_grad():
+            p = model(x_adv.to(dev)).argmax(dim=1).cpu()
+        pred[s:s + b.numel()] = p
+        ok[s:s + b.numel()] = p == yb
+        if keep:
+            advs.append(x_adv.detach().cpu())
+        for k, v in getattr(atk, "last_stats", {}).items():
+            if isinstance(v, int):
+                stats[k] = stats.get(k, 0) + v
+    kept = torch.cat(advs) if keep and advs else (x[idx].clone() if keep else None)
+    return ok, pred, kept, stats
