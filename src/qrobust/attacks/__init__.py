@@ -23,6 +23,7 @@ from qrobust.attacks.base import Attack, lp_norm, project
 from qrobust.attacks.bim import BIM
 from qrobust.attacks.cw import CW
 from qrobust.attacks.cwlinf import CWLinf
+from qrobust.attacks.external import External, is_foreign_attack
 from qrobust.attacks.fgsm import FGSM
 from qrobust.attacks.mifgsm import MIFGSM
 from qrobust.attacks.pgd import PGD
@@ -78,6 +79,8 @@ def make_attack(name: str, model: nn.Module, **kwargs: Any) -> Attack:
 
 
 __all__ = [
+    "External",
+    "is_foreign_attack",
     "APGD", "APGDT", "ATTACKS", "BIM", "CW", "CWLinf", "FGSM", "MIFGSM", "PGD", "PGDL2", "PRESETS", "RFGSM",
     "SPSA", "Attack", "Square", "Transfer", "available_attacks", "lp_norm", "make_attack", "project",
 ]

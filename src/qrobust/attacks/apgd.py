@@ -68,6 +68,7 @@ class APGD(Attack):
     supports_targeted = True
     diagnostic_role = None
     steps_in_label = False
+    aliases = {"steps": "n_iter", "n_restarts": "restarts"}
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ class APGDT(APGD):
     supports_targeted = False
     diagnostic_role = None
     steps_in_label = False
+    aliases = {"steps": "n_iter", "n_restarts": "restarts"}
 
     def __init__(
         self,

@@ -40,6 +40,7 @@ helpers :meth:`loss_and_grad`, :meth:`logits`, :meth:`is_success`, :meth:`projec
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -144,6 +145,22 @@ def default_eps(eps: float | None, norm: str) -> float:
     return 8 / 255 if norm == "Linf" else 0.5
 
 
+def _renaming(init: Callable[..., None], cls: type) -> Callable[..., None]:
+    """``init`` accepting ``cls.aliases`` (torchattacks' names) for its own keyword arguments."""
+
+    @functools.wraps(init)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> None:
+        for alias, own in cls.aliases.items():
+            if alias in kwargs:
+                if own in kwargs:
+                    raise ConfigError(f"{type(self).__name__} got both {own}= and {alias}= (torchattacks' "
+                                      f"name for it); give one")
+                kwargs[own] = kwargs.pop(alias)
+        init(self, *args, **kwargs)
+
+    return wrapped
+
+
 def _take(material: Any, idx: torch.Tensor) -> Any:
     if material is None:
         return None
@@ -209,6 +226,9 @@ class Attack(ABC):
     diagnostic_role: ClassVar[str | None] = None
     #: a suite's default label names the step count (``pgd-20``)
     steps_in_label: ClassVar[bool] = False
+    #: torchattacks' names for settings this attack calls otherwise (``{"steps": "n_iter"}``): accepted as
+    #: keywords and renamed, so code written for torchattacks runs unchanged; giving both is an error
+    aliases: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -217,6 +237,8 @@ class Attack(ABC):
                 f"{cls.__name__} overrides Attack.__call__, which is final: it owns validation, model "
                 f"state and projection. Implement perturb(x, y) instead."
             )
+        if cls.aliases and "__init__" in vars(cls):
+            cls.__init__ = _renaming(cls.__init__, cls)  # type: ignore[method-assign]
 
     def __init__(
         self,

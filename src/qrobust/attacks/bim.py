@@ -24,7 +24,7 @@ class BIM(PGD):
     steps_in_label = True
 
     def __init__(
-        self, model: nn.Module, *, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+        self, model: nn.Module, *, eps: float = 8 / 255, alpha: float | None = None, steps: int = 10,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=False, restarts=1, **kwargs)

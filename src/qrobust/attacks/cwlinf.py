@@ -28,7 +28,7 @@ class CWLinf(PGD):
         model: nn.Module,
         *,
         eps: float = 8 / 255,
-        alpha: float = 2 / 255,
+        alpha: float | None = None,
         steps: int = 10,
         kappa: float = 0.0,
         random_start: bool = True,

@@ -27,7 +27,7 @@ class MIFGSM(PGD):
         model: nn.Module,
         *,
         eps: float = 8 / 255,
-        alpha: float = 2 / 255,
+        alpha: float | None = None,
         steps: int = 10,
         decay: float = 1.0,
         **kwargs: Any,

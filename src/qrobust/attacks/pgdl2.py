@@ -34,7 +34,7 @@ class PGDL2(PGD):
         model: nn.Module,
         *,
         eps: float = 0.5,
-        alpha: float = 0.1,
+        alpha: float | None = None,
         steps: int = 10,
         random_start: bool = True,
         restarts: int = 1,
@@ -42,6 +42,10 @@ class PGDL2(PGD):
     ) -> None:
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
                          restarts=restarts, **kwargs)
+
+    def _default_alpha(self) -> float:
+        assert self.eps is not None
+        return self.eps / 5  # torchattacks' 0.1 at ε = 0.5
 
     def _start(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.random_start:

@@ -29,10 +29,11 @@ class RFGSM(Attack):
     steps_in_label = False
 
     def __init__(
-        self, model: nn.Module, *, eps: float = 8 / 255, alpha: float = 4 / 255, **kwargs: Any
+        self, model: nn.Module, *, eps: float = 8 / 255, alpha: float | None = None, **kwargs: Any
     ) -> None:
         super().__init__(model, eps=eps, norm="Linf", **kwargs)
-        self.alpha = check_positive("alpha", alpha)
+        # default: ε/2 (torchattacks' 4/255 at ε = 8/255)
+        self.alpha = check_positive("alpha", self.eps / 2 if alpha is None and self.eps is not None else alpha)
         if self.eps is not None and not self.alpha < self.eps:
             raise ConfigError(f"RFGSM needs alpha < eps (the FGSM step is eps − alpha), got alpha={alpha}, "
                               f"eps={eps}; the usual choice is alpha = eps/2")

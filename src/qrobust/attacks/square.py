@@ -82,6 +82,7 @@ class Square(Attack):
     supports_targeted = True
     diagnostic_role = None
     steps_in_label = False
+    aliases = {"n_restarts": "restarts"}
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from qrobust.attacks import ATTACKS, PRESETS, Attack, available_attacks, make_attack
+from qrobust.attacks import ATTACKS, PRESETS, Attack, External, available_attacks, is_foreign_attack, make_attack
 from qrobust.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def _custom_entry(item: Any) -> SuiteEntry:
     if callable(item):
         return SuiteEntry("", item, {})
     raise ConfigError(
-        f"a suite item must be an attack name, a (name, kwargs) pair, an Attack instance or a factory, got "
+        f"a suite item must be an attack name, a (name, kwargs) pair, an Attack instance, a factory or another "
+        f"library's attack (a torchattacks object, a callable (x, y) -> x_adv), got "
         f"{item!r}"
     )
 
@@ -280,7 +281,11 @@ def build_entry(
     model, norm = settings.model, settings.norm
     a = entry.attack
     used: dict[str, Any] = {}
-    if isinstance(a, Attack):
+    if is_foreign_attack(a):
+        black = bool(entry.black_box)
+        extra: dict[str, Any] = {} if black else {"gradients": settings.gradients}
+        atk = External(model, a, eps=eps, norm=norm, black_box=black, seed=settings.seed, **extra)
+    elif isinstance(a, Attack):
         if a.model is not model:
             log.warning("attack %s was built for another model object; it attacks that one", a)
         atk = a
