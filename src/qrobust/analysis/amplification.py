@@ -47,7 +47,7 @@ from qrobust.errors import ConfigError, InputError
 from qrobust.models.introspect import activation_modules
 from qrobust.quant import functional as QF
 from qrobust.quant.spec import check_bits
-from qrobust.utils import eval_mode, model_device
+from qrobust.utils import atomic_write, eval_mode, model_device
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +298,8 @@ def plot_amplification(results: Any, path: str | os.PathLike, *, title: str | No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
     series = _as_series(results)
     if not series:
@@ -323,8 +325,21 @@ def plot_amplification(results: Any, path: str | os.PathLike, *, title: str | No
     names = [r["name"] for r in first_rows]
     ax = axes[0][0]
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:.2g}")  # 0.3, not 3×10⁻¹
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_ylabel("‖f(x′) − f(x)‖₂ / ‖f(x)‖₂")
-    ax.legend(fontsize=7, loc="best", framealpha=0.6)
+    # two small legends outside the panels — colour is the model, line style the ε — so none covers a curve
+    model_handles = [Line2D([], [], color=colors[i % len(colors)], marker="o", ms=3, label=lab)
+                     for i, lab in enumerate(labels)]
+    eps_handles = [Line2D([], [], color="0.3", ls=styles[i % len(styles)], label=f"ε = {e:.3g}")
+                   for i, e in enumerate(eps_values)]
+    leg = fig.legend(handles=model_handles, title="model", fontsize=8, title_fontsize=8, loc="upper left",
+                     bbox_to_anchor=(1.0, 0.95), frameon=False)
+    fig.add_artist(leg)
+    fig.legend(handles=eps_handles, title="attack radius", fontsize=8, title_fontsize=8, loc="lower left",
+               bbox_to_anchor=(1.0, 0.1), frameon=False)
     if has_buckets:
         axes[0][1].set_ylabel("fraction of activations in another bucket")
         axes[0][1].set_ylim(bottom=0)
@@ -336,13 +351,10 @@ def plot_amplification(results: Any, path: str | os.PathLike, *, title: str | No
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def amplification_report(

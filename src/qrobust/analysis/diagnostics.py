@@ -272,10 +272,15 @@ def check_single_step(
     pa = _check_fraction("pgd_accuracy", pgd_accuracy)
     tol = _check_tol(tol)
     flagged = fa < pa - tol
-    rel = "below" if fa < pa else "at or above"
-    evidence = f"{fgsm_label} (single step) robust accuracy {_pct(fa)} is {rel} {pgd_label} {_pct(pa)}"
+    evidence = f"{fgsm_label} (single step) leaves {_pct(fa)}, {pgd_label} (iterative) {_pct(pa)}"
     if flagged:
-        evidence += f" by {100 * (pa - fa):.1f} points (> {100 * tol:.1f}): the iterative attack is failing"
+        evidence += (f": the single step wins by {100 * (pa - fa):.1f} points (> {100 * tol:.1f}), so the "
+                     f"iterative attack is failing")
+    elif fa < pa:
+        evidence += (f": the single step is ahead by {100 * (pa - fa):.1f} points, within the {100 * tol:.1f}-point "
+                     f"tolerance (sampling noise), so the iterative attack is not failing")
+    else:
+        evidence += ": the iterative attack is at least as strong, as it should be"
     return Diagnostic("single_step_beats_iterative", flagged, evidence,
                       {"fgsm_accuracy": fa, "pgd_accuracy": pa, "tol": tol}, eps=eps)
 
