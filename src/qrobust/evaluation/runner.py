@@ -7,9 +7,10 @@ import copy
 import datetime as _dt
 import json
 import logging
+import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from qrobust.attacks.base import GRADIENTS
 from qrobust.data.inputs import as_tensors
 from qrobust.errors import ConfigError
 from qrobust.evaluation.results import AttackResult, EpsResult, RobustnessReport, mask_str
+from qrobust.evaluation.state import EvalState, fingerprint
 from qrobust.evaluation.suites import BuildSettings, BuiltAttack, SuiteEntry, build_attacks, mark_roles, suite_entries
 from qrobust.utils import eval_mode, model_device, progress
 from qrobust.validation import check_choice, check_eps
@@ -60,6 +62,7 @@ def evaluate(
     return_examples: bool = False,
     model_name: str | None = None,
     dataset: str | None = None,
+    state_path: str | os.PathLike | None = None,
 ) -> RobustnessReport:
     """Evaluate ``model`` on ``data`` under ``suite`` at ``eps`` (one value or a list) → a report.
 
@@ -68,8 +71,10 @@ def evaluate(
     differentiate through quantizers unless a suite entry says otherwise (``"ste"``, ``"native"``,
     ``"surrogate"``; ``surrogate=`` a float model for the latter). ``individual=True`` runs every attack on
     every clean-correct sample (own robust accuracy for each, at up to the cost of running them all in
-    full). ``seed`` seeds every attack (``None``: fresh randomness). See :mod:`qrobust.evaluation` for the
-    suites, the sweep semantics and the cost of the diagnostics.
+    full). ``seed`` seeds every attack (``None``: fresh randomness). ``state_path`` — a file that records
+    progress after every batch, so that the same call run again continues where an interrupted one stopped
+    (:mod:`qrobust.evaluation.state`). See :mod:`qrobust.evaluation` for the suites, the sweep semantics and
+    the cost of the diagnostics.
     """
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -98,13 +103,26 @@ def evaluate(
             raise ConfigError(f"attack_kwargs names {unknown}, which are not in suite {suite!r}: "
                               f"{labels_known}")
     mark_roles(entries)
-    sweep = _Sweep(entries=entries, eps_values=eps_values, overrides=overrides,
-                   check_overrides=not isinstance(suite, str), batch_size=batch_size, individual=individual,
-                   keep_examples=return_examples,
-                   build=BuildSettings(model=model, norm=norm, gradients=gradients, seed=seed, surrogate=surrogate))
+    if state_path is not None and return_examples:
+        raise ConfigError("state_path does not store adversarial examples: use return_examples=True or a "
+                          "state_path, not both")
 
     x, y, ds_name = as_tensors(data, n)
     n_total = x.shape[0]
+    state = None
+    if state_path is not None:
+        state = EvalState(state_path, fingerprint(model, x, y, {
+            "suite": [_entry_key(e) for e in entries], "eps": eps_values, "norm": norm, "gradients": gradients,
+            "seed": seed, "batch_size": batch_size, "individual": individual, "n_queries": n_queries,
+            "attack_kwargs": overrides, "parent": None if parent is None else fingerprint(parent, x[:0], y[:0], {}),
+            "surrogate": None if surrogate is None else fingerprint(surrogate, x[:0], y[:0], {})}))
+        if state.resumed:
+            log.info("continuing the evaluation recorded in %s", state_path)
+    sweep = _Sweep(entries=entries, eps_values=eps_values, overrides=overrides,
+                   check_overrides=not isinstance(suite, str), batch_size=batch_size, individual=individual,
+                   keep_examples=return_examples,
+                   build=BuildSettings(model=model, norm=norm, gradients=gradients, seed=seed, surrogate=surrogate),
+                   state=state)
     with ExitStack() as restore_modes:
         restore_modes.enter_context(eval_mode(model))
         if parent is not None:
@@ -189,6 +207,18 @@ class _Sweep:
     batch_size: int
     individual: bool
     keep_examples: bool
+    state: EvalState | None = None
+
+
+def _entry_key(e: SuiteEntry) -> Any:
+    """A suite entry as data that is the same in every process (for the state file's fingerprint)."""
+    a = e.attack
+    if isinstance(a, Attack):
+        a = {"instance": type(a).__name__, **a.config()}
+    elif not isinstance(a, str):
+        a = getattr(a, "__qualname__", None) or type(a).__qualname__
+    kw = {k: (type(v).__name__ if isinstance(v, nn.Module) else v) for k, v in e.kwargs.items()}
+    return [e.label, a, kw, e.individual, e.black_box, e.role]
 
 
 @dataclass
@@ -238,13 +268,24 @@ def _attack_one(b: BuiltAttack, model: nn.Module, x: torch.Tensor, y: torch.Tens
                 worst: _WorstCase, e: float, sweep: _Sweep) -> AttackResult:
     """Run one built attack at ε ``e``, update the worst case in place → its result."""
     # run on every clean-correct sample when asked — or for free when nothing is broken yet
+    st = sweep.state
+    if st is not None:
+        stored = st.finished(e, b.label, b.settings())
+        if stored is not None:
+            worst.robust.copy_(stored[1])
+            log.info("ε=%.4g %s: reused from %s", e, b.label, st.path)
+            return stored[0]
     own_run = b.individual or sweep.individual or torch.equal(worst.robust, clean_correct)
     targets = clean_correct if own_run else worst.robust
     idx = targets.nonzero().squeeze(1)
     t0 = time.perf_counter()
+    resume = None if st is None else st.partial(e, b.label, idx)
+    on_batch = None if st is None else (
+        lambda k, ok_, pred_, stats_, dt_: st.record_batch(e, b.label, idx, x.shape[0], k, ok_, pred_, stats_, dt_))
     ok, pred, adv, stats = _run_attack(b.attack, model, x, y, idx, batch_size=sweep.batch_size,
-                                       desc=f"{b.label} ε={e:.4g}", keep=sweep.keep_examples)
-    dt = time.perf_counter() - t0
+                                       desc=f"{b.label} ε={e:.4g}", keep=sweep.keep_examples,
+                                       resume=resume, on_batch=on_batch)
+    dt = time.perf_counter() - t0 + (resume["time_s"] if resume else 0.0)
     before = worst.robust.clone()
     worst.robust[idx[~ok]] = False
     newly = before & ~worst.robust
@@ -273,6 +314,8 @@ def _attack_one(b: BuiltAttack, model: nn.Module, x: torch.Tensor, y: torch.Tens
         stats=stats,
         robust=None if own_mask is None else mask_str(own_mask),
     )
+    if st is not None:
+        st.record_done(e, b.label, res, worst.robust)
     log.info("ε=%.4g %s: %s after %.2f%% (broke %d) in %.1fs", e, b.label,
              "own %.2f%%," % (100 * own_acc) if own_acc is not None else "", 100 *
              res.robust_accuracy_after, res.n_broken, dt)
@@ -299,16 +342,27 @@ def _run_attack(
     batch_size: int,
     desc: str,
     keep: bool,
+    resume: dict[str, Any] | None = None,
+    on_batch: Callable[[int, torch.Tensor, torch.Tensor, dict[str, int], float], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, int]]:
     """Attack the samples ``idx`` in batches; score on ``model``. Returns (still-correct (len(idx),) bool,
-    prediction after the attack, x_adv of those samples if ``keep``, summed attack counters)."""
+    prediction after the attack, x_adv of those samples if ``keep``, summed attack counters).
+
+    ``resume`` — the finished batches of an interrupted run (from the state file): they are not run again.
+    ``on_batch(batches_done, ok, pred, stats, seconds)`` is called after every batch (to record progress)."""
     ok = torch.zeros(idx.numel(), dtype=torch.bool)
     pred = torch.zeros(idx.numel(), dtype=torch.long)
     advs: list[torch.Tensor] = []
     stats: dict[str, int] = {}
     dev = model_device(model)
     starts = range(0, idx.numel(), batch_size)
-    for s in progress(starts, desc=desc, total=len(starts)):
+    first, t0, t_before = 0, time.perf_counter(), 0.0
+    if resume is not None:
+        first, t_before = int(resume["batches"]), float(resume["time_s"])
+        ok, pred, stats = resume["ok"].clone(), resume["pred"].clone(), dict(resume["stats"])
+    for k, s in enumerate(progress(starts, desc=desc, total=len(starts))):
+        if k < first:
+            continue
         b = idx[s:s + batch_size]
         xb, yb = x[b], y[b]
         x_adv = atk(xb, yb)
@@ -323,8 +377,10 @@ def _run_attack(
         ok[s:s + b.numel()] = p == yb
         if keep:
             advs.append(x_adv.detach().cpu())
-        for k, v in getattr(atk, "last_stats", {}).items():
+        for name, v in getattr(atk, "last_stats", {}).items():
             if isinstance(v, int):
-                stats[k] = stats.get(k, 0) + v
+                stats[name] = stats.get(name, 0) + v
+        if on_batch is not None:
+            on_batch(k + 1, ok, pred, stats, t_before + time.perf_counter() - t0)
     kept = torch.cat(advs) if keep and advs else (x[idx].clone() if keep else None)
     return ok, pred, kept, stats
