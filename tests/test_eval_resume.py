@@ -77,3 +77,17 @@ def test_a_state_file_of_another_evaluation_is_refused(digits, tmp_path):
         qrobust.evaluate(model, data, suite=["fgsm"], eps=0.2, diagnostics=False, state_path=state)
     with pytest.raises(ConfigError, match="not both"):
         qrobust.evaluate(model, data, suite=["fgsm"], eps=0.1, state_path=state, return_examples=True)
+
+
+def test_bad_data_gets_one_line_errors(digits):
+    from qrobust.errors import InputError
+
+    model, (x, y) = digits
+    with pytest.raises(InputError, match="divide by 255"):
+        qrobust.evaluate(model, (x * 255, y), suite=["fgsm"], eps=0.1, diagnostics=False)
+    with pytest.raises(InputError, match="label 10 is out of range for a model with 10 outputs"):
+        qrobust.evaluate(model, (x, torch.full_like(y, 10)), suite=["fgsm"], eps=0.1, diagnostics=False)
+    with pytest.raises(InputError, match="shape"):
+        qrobust.evaluate(model, (torch.rand(4, 3, 32, 32), y[:4]), suite=["fgsm"], eps=0.1, diagnostics=False)
+    with pytest.raises(InputError, match="empty"):
+        qrobust.evaluate(model, (x[:0], y[:0]), suite=["fgsm"], eps=0.1, diagnostics=False)

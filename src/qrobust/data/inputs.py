@@ -78,6 +78,8 @@ def as_batches(
     """Anything qrobust trains or evaluates on — an ArrayDataset, a DataLoader/BatchLoader, an (x, y) pair —
     as an iterable of ``(x, y)`` batches."""
     if isinstance(data, ArrayDataset):
+        if len(data) == 0:
+            raise InputError(f"the dataset {data.info.name!r} has no samples: nothing to train or evaluate on")
         if augment is None:
             augment = "auto" if shuffle else False  # the standard one: crop+flip for 32×32 RGB, none for digits
         return BatchLoader(
@@ -87,10 +89,40 @@ def as_batches(
         x, y = data
         if len(x) != len(y):
             raise ConfigError(f"x and y have different lengths: {len(x)} vs {len(y)}")
+        check_pixels_and_labels(x, y)
         return TensorBatches(x, y, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
     if isinstance(data, Iterable):
         return data
     raise ConfigError(f"cannot train or evaluate on a {type(data).__name__}: give {ACCEPTED}")
+
+
+def check_pixels_and_labels(x: torch.Tensor, y: torch.Tensor) -> None:
+    """``x`` a non-empty float tensor of finite pixels in [0, 1], ``y`` integer labels ``(N,)`` ≥ 0, else a
+    one-line InputError that says what to change (0–255 pixels are the usual mistake)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise InputError(f"x must be a float tensor N×… with pixels in [0, 1], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if y.dtype == torch.bool or y.is_floating_point() or y.dim() != 1:
+        raise InputError(f"y must be int64 labels of shape (N,), got {y.dtype} {tuple(y.shape)}")
+    if x.shape[0] == 0:
+        raise InputError("no samples: x and y are empty")
+    if not bool(torch.isfinite(x).all()):
+        raise InputError("x holds NaN or infinite values; pixels must be finite, in [0, 1]")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        hint = ("they look like 0–255 pixels: divide by 255" if hi > 1 and lo >= 0 else
+                "they look normalized: pass [0, 1] pixels and put the normalization inside the model "
+                "(nn.Sequential(Normalize(mean, std), model))")
+        raise InputError(f"x must be pixels in [0, 1], got values in [{lo:g}, {hi:g}]; {hint}")
+    if int(y.min()) < 0:
+        raise InputError(f"labels must be class indices ≥ 0, got {int(y.min())}")
+
+
+def check_label_range(y: torch.Tensor, num_classes: int) -> None:
+    """Labels must index the model's ``num_classes`` outputs."""
+    if y.numel() and int(y.max()) >= num_classes:
+        raise InputError(f"label {int(y.max())} is out of range for a model with {num_classes} outputs "
+                         f"(labels must be 0…{num_classes - 1}); check the dataset or the model's num_classes")
 
 
 def as_tensors(data: Any, n: int | None) -> tuple[torch.Tensor, torch.Tensor, str | None]:
@@ -129,14 +161,5 @@ def as_tensors(data: Any, n: int | None) -> tuple[torch.Tensor, torch.Tensor, st
         name = getattr(info, "name", None)
     else:
         raise ConfigError(f"cannot evaluate on a {type(data).__name__}: give {ACCEPTED}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-        raise InputError(f"x must be a float tensor N×… with pixels in [0, 1], got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
-    if y.dtype == torch.bool or y.is_floating_point() or y.dim() != 1:
-        raise InputError(f"y must be int64 labels of shape (N,), got {y.dtype} {tuple(y.shape)}")
-    if x.shape[0] == 0:
-        raise InputError("no samples to evaluate on")
-    x = x.detach().cpu().float()
-    if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
-        raise InputError("x must be finite pixels in [0, 1]; normalization belongs inside the model")
-    return x.contiguous(), y.detach().cpu().long(), name
+    check_pixels_and_labels(x, y)
+    return x.detach().cpu().float().contiguous(), y.detach().cpu().long(), name

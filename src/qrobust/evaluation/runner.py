@@ -24,8 +24,8 @@ from qrobust.analysis.diagnose import DiagnosticSettings, diagnose
 from qrobust.analysis.diagnostics import DEFAULT_LARGE_EPS_MAX_ACC, DEFAULT_TOL, Diagnostic
 from qrobust.attacks import Attack, lp_norm
 from qrobust.attacks.base import GRADIENTS
-from qrobust.data.inputs import as_tensors
-from qrobust.errors import ConfigError
+from qrobust.data.inputs import as_tensors, check_label_range
+from qrobust.errors import ConfigError, InputError
 from qrobust.evaluation.results import AttackResult, EpsResult, RobustnessReport, mask_str
 from qrobust.evaluation.state import EvalState, fingerprint
 from qrobust.evaluation.suites import BuildSettings, BuiltAttack, SuiteEntry, build_attacks, mark_roles, suite_entries
@@ -127,7 +127,8 @@ def evaluate(
         restore_modes.enter_context(eval_mode(model))
         if parent is not None:
             restore_modes.enter_context(eval_mode(parent))
-        pred_clean = _predict(model, x, batch_size)
+        pred_clean, num_classes = _predict(model, x, batch_size)
+        check_label_range(y, num_classes)
         clean_correct = pred_clean == y
         clean_acc = float(clean_correct.float().mean())
         log.info("clean accuracy %.2f%% on %d samples", 100 * clean_acc, n_total)
@@ -324,12 +325,24 @@ def _attack_one(b: BuiltAttack, model: nn.Module, x: torch.Tensor, y: torch.Tens
 
 # ------------------------------------------------------------------------------------- running attacks
 @torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+    """Predicted classes of ``x`` and the model's number of outputs."""
     dev = model_device(model)
-    out = []
+    out, k = [], 0
     for i in range(0, x.shape[0], batch_size):
-        out.append(model(x[i:i + batch_size].to(dev)).argmax(dim=1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+        try:
+            logits = model(x[i:i + batch_size].to(dev))
+        except RuntimeError as e:  # a shape mismatch deep inside torch: say it in the user's terms
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"the model cannot run on inputs of shape {tuple(x.shape[1:])} ({first}); "
+                             f"evaluate it on the kind of data it was built for") from e
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise InputError(f"the model must return logits of shape (N, num_classes); for an input of shape "
+                             f"{tuple(x[i:i + batch_size].shape)} it returned "
+                             f"{getattr(logits, 'shape', type(logits).__name__)}")
+        k = logits.shape[1]
+        out.append(logits.argmax(dim=1).cpu())
+    return (torch.cat(out) if out else torch.zeros(0, dtype=torch.long)), k
 
 
 def _run_attack(
