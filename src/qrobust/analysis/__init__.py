@@ -36,6 +36,7 @@ from qrobust.analysis.amplification import (  # noqa: E402
     amplification_summary,
     amplification_sweep,
     plot_amplification,
+    value_shift,
 )
 from qrobust.analysis.diagnose import DiagnosticSettings, diagnose  # noqa: E402
 from qrobust.analysis.lipschitz import (  # noqa: E402
@@ -45,8 +46,19 @@ from qrobust.analysis.lipschitz import (  # noqa: E402
     lipschitz_table,
     matrix_spectral_norm,
 )
+from qrobust.analysis.transferability import (  # noqa: E402
+    TransferMatrix,
+    gradient_alignment,
+    plot_alignment,
+    transfer_matrix,
+)
 
 __all__ += [
+    "TransferMatrix",
+    "gradient_alignment",
+    "plot_alignment",
+    "transfer_matrix",
+    "value_shift",
     "DiagnosticSettings",
     "amplification",
     "amplification_report",

@@ -32,6 +32,7 @@ their ``QuantAct`` replacements, in forward order — :func:`qrobust.models.acti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from torch import nn
 from qrobust.errors import ConfigError, InputError
 from qrobust.models.introspect import activation_modules
 from qrobust.quant import functional as QF
+from qrobust.quant.modes import quantization_disabled
 from qrobust.quant.spec import check_bits
 from qrobust.utils import atomic_write, eval_mode, model_device
 
@@ -58,6 +60,7 @@ __all__ = [
     "amplification_summary",
     "amplification_sweep",
     "plot_amplification",
+    "value_shift",
 ]
 
 ATTACKS = ("pgd", "fgsm")
@@ -126,6 +129,22 @@ def amplification(
             "build it with qrobust.models.build_model"
         )
     grids = [_layer_grid(m, bits, alpha, force_grid) for _, m in acts]
+    return _compare_passes(model, acts, grids, x, x_adv, batch_size=batch_size)
+
+
+def _compare_passes(
+    model: nn.Module,
+    acts: list[tuple[str, nn.Module]],
+    grids: list[tuple[str, int | None, float | None]],
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    *,
+    batch_size: int,
+    first_pass: Any = None,
+) -> list[dict[str, Any]]:
+    """The rows of :func:`amplification`: each activation's output under ``x`` and under ``x_adv``
+    compared (relative L2, buckets on ``grids``). ``first_pass`` is a context-manager factory the ``x``
+    pass runs in (``lambda: quantization_disabled(model)`` compares the float copy with the quantized one)."""
     k = len(acts)
     ratio_sum = [0.0] * k
     ratio_n = [0] * k
@@ -151,7 +170,8 @@ def amplification(
                 xb = x[s : s + batch_size].to(device)
                 xa = x_adv[s : s + batch_size].to(device)
                 captured.clear()
-                model(xb)
+                with first_pass() if first_pass is not None else contextlib.nullcontext():
+                    model(xb)
                 clean = dict(captured)
                 captured.clear()
                 model(xa)
@@ -193,6 +213,37 @@ def amplification(
             "alpha": a,
             "numel": numel[i],
         })
+    return rows
+
+
+@torch.no_grad()
+def value_shift(
+    model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor | None = None, *, batch_size: int = 256
+) -> list[dict[str, Any]]:
+    """Quantization value shift (Bernhard et al. 2019), per activation layer of a quantized ``model``:
+
+    * ``float_vs_quant`` — the fraction of activations whose quantization bucket differs between the float
+      copy of the network (every quantizer off, :func:`qrobust.quant.quantization_disabled`) and the
+      quantized network on the *same* input ``x``: how far quantization moves the values the layers see;
+      ``rel_l2_float_vs_quant`` — the relative L2 distance of the two activations;
+    * ``clean_vs_adv`` — with ``x_adv``, the fraction whose bucket changes between ``x`` and ``x_adv`` in the
+      quantized network (:func:`amplification`'s ``bucket_change``).
+
+    Buckets are each ``QuantAct``'s own grid, computed as in :func:`amplification` (one concept, one place).
+    """
+    acts = activation_modules(model)
+    grids = [_layer_grid(m, None, None, False) for _, m in acts]
+    if all(g[0] == "none" for g in grids):
+        raise ConfigError(f"{type(model).__name__} has no quantized activations: value shift needs a "
+                          f"quantized model (qrobust.quantize(model, 'w4a4'))")
+    fq = _compare_passes(model, acts, grids, x, x, batch_size=batch_size,
+                         first_pass=lambda: quantization_disabled(model))
+    adv = amplification(model, x, x_adv, batch_size=batch_size) if x_adv is not None else None
+    rows = []
+    for i, r in enumerate(fq):
+        rows.append({"index": r["index"], "name": r["name"], "bits": r["bits"], "alpha": r["alpha"],
+                     "float_vs_quant": r["bucket_change"], "rel_l2_float_vs_quant": r["rel_l2"],
+                     "clean_vs_adv": None if adv is None else adv[i]["bucket_change"]})
     return rows
 
 
