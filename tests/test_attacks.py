@@ -27,6 +27,7 @@ from qrobust.attacks import (
     SPSA,
     Attack,
     CWLinf,
+    PGDpp,
     Square,
     Transfer,
     lp_norm,
@@ -875,7 +876,7 @@ def test_early_stopping_costs_less_and_loses_nothing(case, mlp, digits):
 # ------------------------------------------------------------------------------------- the registry
 def test_registry_and_factory(cnn, mlp, digits):
     assert set(ATTACKS) == {"fgsm", "rfgsm", "bim", "pgd", "pgdl2", "mifgsm", "cw", "cwlinf", "apgd-ce",
-                            "apgd-dlr", "apgd-t", "square", "square-l2", "spsa", "transfer"}
+                            "apgd-dlr", "apgd-t", "square", "square-l2", "spsa", "transfer", "pgd++"}
     x, y = digits[2][:8], digits[3][:8]
     for name in ATTACKS:
         extra = {"source": mlp} if name == "transfer" else {}
@@ -909,12 +910,13 @@ FACTS: dict[type, tuple[bool, bool, bool, str | None, bool]] = {
     Square: (True, False, True, None, False),
     SPSA: (True, False, True, None, False),
     Transfer: (True, False, True, None, False),
+    PGDpp: (False, False, True, None, True),
 }
 FACT_NAMES = ("black_box", "single_step", "supports_targeted", "diagnostic_role", "steps_in_label")
 #: registry name → whether an attack built with the defaults draws random numbers
 RANDOMIZED = {"fgsm": False, "rfgsm": True, "bim": False, "pgd": True, "pgdl2": True, "mifgsm": False,
               "cw": False, "cwlinf": True, "apgd-ce": True, "apgd-dlr": True, "apgd-t": True, "square": True,
-              "square-l2": True, "spsa": True, "transfer": True}
+              "square-l2": True, "spsa": True, "transfer": True, "pgd++": True}
 
 
 def test_every_registered_attack_declares_its_class_facts():

@@ -28,6 +28,7 @@ from qrobust.attacks.fgsm import FGSM
 from qrobust.attacks.mifgsm import MIFGSM
 from qrobust.attacks.pgd import PGD
 from qrobust.attacks.pgdl2 import PGDL2
+from qrobust.attacks.pgdpp import PGDpp
 from qrobust.attacks.rfgsm import RFGSM
 from qrobust.attacks.spsa import SPSA
 from qrobust.attacks.square import Square
@@ -41,6 +42,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "bim": BIM,
     "pgd": PGD,
     "pgdl2": PGDL2,
+    "pgd++": PGDpp,
     "mifgsm": MIFGSM,
     "cw": CW,
     "cwlinf": CWLinf,
@@ -79,6 +81,7 @@ def make_attack(name: str, model: nn.Module, **kwargs: Any) -> Attack:
 
 
 __all__ = [
+    "PGDpp",
     "External",
     "is_foreign_attack",
     "APGD", "APGDT", "ATTACKS", "BIM", "CW", "CWLinf", "FGSM", "MIFGSM", "PGD", "PGDL2", "PRESETS", "RFGSM",
