@@ -1,10 +1,12 @@
 """One training loop for every recipe: objectives plug in, runs resume after a kill, DDP when launched so.
 
-``fit(model, train, objective=...)`` knows only ``objective(model, x, y) -> loss`` (or ``(loss, logits)``).
-Natural training, the Defensive-Quantization penalty, adversarial training and ODG-Q are all objectives.
-Optional hooks an objective may have: ``on_epoch_start(epoch)``, ``set_batch_view(view)`` (called before
-each step with the loader's :class:`~qrobust.data.BatchView` — dataset indices and augmentation — or None),
-``state_dict()``/``load_state_dict()`` (saved with every epoch checkpoint) and ``callback(record, model)``.
+``fit(model, train, objective=...)`` knows only the :class:`~qrobust.defenses.objectives.Objective` protocol:
+``objective(model, x, y) -> loss`` (or ``(loss, logits)``) and its hooks, which default to no-ops:
+``on_epoch_start(epoch)``, ``set_batch_view(view)`` (called before each step with the loader's
+:class:`~qrobust.data.BatchView` — dataset indices and augmentation — or None), ``state_dict()``/
+``load_state_dict()`` (saved with every epoch checkpoint) and ``callback(record, model)``. A plain callable
+is wrapped. Natural training, the Defensive-Quantization penalty, adversarial training and ODG-Q are all
+objectives.
 
 A run folder (``out=``) holds::
 
@@ -39,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qrobust import checkpoint as ckpt
-from qrobust.defenses.objectives import make_objective, split_output
+from qrobust.defenses.objectives import Objective, make_objective, split_output
 from qrobust.errors import CheckpointError, ConfigError
 from qrobust.utils import atomic_write_text, eval_mode, model_device, progress, seed_everything
 
@@ -281,16 +283,14 @@ def _save_epoch(
     history: list,
     run_meta: dict,
     keep: int | None,
-    objective: Any = None,
+    objective: Objective,
 ) -> None:
     tensors = dict(model.state_dict())
     opt_tensors, opt_meta = _optimizer_to_tensors(opt)
     tensors.update(opt_tensors)
     tensors["__rng__/torch"] = torch.get_rng_state()
     # a stateful objective (ODG-Q's carried perturbations) is saved with the epoch, so a resume continues it
-    obj_state = (
-        _flatten_state(objective.state_dict(), "__objective__", tensors) if hasattr(objective, "state_dict") else None
-    )
+    obj_state = _flatten_state(objective.state_dict(), "__objective__", tensors)
     meta = {
         "arch": getattr(model, "qrobust_arch", None),
         "spec": getattr(model, "qrobust_spec", None),
@@ -399,7 +399,7 @@ def fit(
                 )
                 _optimizer_from_tensors(opt, tensors, ts["optimizer"])
                 torch.set_rng_state(tensors["__rng__/torch"])
-                if ts.get("objective") is not None and hasattr(obj, "load_state_dict"):
+                if ts.get("objective") is not None:
                     obj.load_state_dict(_unflatten_state(ts["objective"], tensors))
                 start_epoch, history = ts["epoch"], ts["history"]
                 log.info("resuming %s after epoch %d", out_path, start_epoch)
@@ -408,7 +408,7 @@ def fit(
 
     run_meta = {
         "fit": cfg.to_dict(),
-        "objective": obj.config() if hasattr(obj, "config") else {"name": getattr(obj, "name", type(obj).__name__)},
+        "objective": obj.config(),
         **(metadata or {}),
     }
     if out_path is not None and rank == 0:
@@ -436,13 +436,11 @@ def fit(
         n_batches = min(n_batches, cfg.max_batches)
     total_steps = cfg.epochs * (n_batches or 1)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    set_view = getattr(obj, "set_batch_view", None)  # objectives with per-sample state (ODG-Q's bank)
 
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(batches, "set_epoch"):
             batches.set_epoch(epoch)
-        if hasattr(obj, "on_epoch_start"):
-            obj.on_epoch_start(epoch)
+        obj.on_epoch_start(epoch)
         net.train()
         t0 = time.perf_counter()
         loss_sum = correct = seen = 0.0
@@ -456,8 +454,7 @@ def fit(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cfg.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if set_view is not None:
-                set_view(getattr(batches, "batch_view", None))
+            obj.set_batch_view(getattr(batches, "batch_view", None))  # per-sample state (ODG-Q's bank)
             with autocast:
                 loss, logits = split_output(obj(net, x, y))
             if not torch.isfinite(loss):
@@ -489,8 +486,7 @@ def fit(
             if test is not None:
                 record["test_acc"] = accuracy(model, test, batch_size=cfg.eval_batch_size)
             # an objective may report per-epoch numbers of its own (ODG-Q's domain losses)
-            own = [obj.callback] if callable(getattr(obj, "callback", None)) else []
-            for cb in [*own, *(callbacks or [])]:
+            for cb in [obj.callback, *(callbacks or [])]:
                 if cb(record, model) == "stop":
                     stop = True
             history.append(record)

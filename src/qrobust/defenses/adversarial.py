@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrobust.defenses.objectives import register_objective
+from qrobust.defenses.objectives import Objective, register_objective
 from qrobust.defenses.perturb import ce_per_sample, check_mode, crafting, linf_perturb
 from qrobust.errors import ConfigError
 from qrobust.validation import check_eps, check_positive
@@ -59,12 +59,10 @@ def check_count(name: str, value: Any) -> int:
     return int(value)
 
 
-class AdversarialObjective:
+class AdversarialObjective(Objective):
     """Common settings (ε, craft mode) and the description every adversarial objective reports."""
 
     name: ClassVar[str] = "adversarial"
-    #: FitConfig settings the recipe is usually trained with (the CLI may apply them as defaults)
-    recommended_fit: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, *, eps: float, craft_mode: str = "train") -> None:
         self.eps = check_eps(eps, "Linf", positive=True)
@@ -81,6 +79,7 @@ class AdversarialObjective:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in cfg.items())})"
 
 
+@register_objective("pgd-at")
 class PgdAT(AdversarialObjective):
     """Madry et al.'s PGD adversarial training: CE on PGD-``steps`` examples (α defaults to ε/4)."""
 
@@ -111,6 +110,7 @@ class PgdAT(AdversarialObjective):
         return F.cross_entropy(logits, y), logits
 
 
+@register_objective("fgsm-rs")
 class FgsmRS(AdversarialObjective):
     """Wong et al.'s FGSM with random start: one step of α (default 1.25ε) from a uniform start in the
     ε-ball, projected back onto it. Train it with the cyclic (``onecycle``) schedule."""
@@ -137,6 +137,7 @@ def kl_per_sample(p_clean: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (p_clean * (torch.log(p_clean.clamp_min(1e-12)) - logp)).sum(dim=1)
 
 
+@register_objective("trades")
 class Trades(AdversarialObjective):
     """TRADES: ``CE(f(x), y) + β · KL(f(x) ‖ f(x'))`` with ``x'`` maximising the KL by PGD-``steps``."""
 
@@ -172,7 +173,3 @@ class Trades(AdversarialObjective):
         loss = F.cross_entropy(logits, y) + self.beta * robust.sum(dim=1).mean()
         return loss, logits
 
-
-register_objective(PgdAT.name, PgdAT)
-register_objective(FgsmRS.name, FgsmRS)
-register_objective(Trades.name, Trades)

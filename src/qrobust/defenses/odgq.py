@@ -217,6 +217,7 @@ def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+@register_objective("odgq")
 class OdgQ(AdversarialObjective):
     """The ODG-Q objective (see the module docstring for the domains, the cost and the DG losses).
 
@@ -436,5 +437,3 @@ class OdgQ(AdversarialObjective):
         self._pending = {"x_train": x_train, "x": x, "sign": sign, **store}
         return total, logits
 
-
-register_objective(OdgQ.name, OdgQ)
