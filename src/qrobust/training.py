@@ -19,7 +19,8 @@ A run folder (``out=``) holds::
 epochs and a complete ``metrics.jsonl`` as an uninterrupted run.
 
 Under ``torchrun --nproc_per_node=N`` the same call trains with DistributedDataParallel (gloo on CPU,
-nccl on GPU); only rank 0 writes files.
+nccl on GPU); only rank 0 writes files. A process group that ``fit`` opened it also closes before it
+returns (or raises); one the caller opened stays open.
 """
 
 from __future__ import annotations
@@ -318,17 +319,38 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- DDP
-def _dist_setup() -> tuple[int, int]:
+def _dist_open() -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1) unless one is open; True if opened here."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return True
+    return False
+
+
+def _dist_ranks() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def close_process_group(*, barrier: bool = True) -> None:
+    """Leave the open process group (if any) together: a barrier, then destroy it.
+
+    Exiting with it open let a rank abort in gloo's teardown ("terminate called without an active
+    exception") while the machine was loaded. ``barrier=False`` after a failure: the other ranks may never
+    reach the barrier, and torchrun ends them when this one exits.
+    """
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _all_sum(values: list[float], world: int, device: torch.device) -> list[float]:
@@ -359,12 +381,41 @@ def fit(
     ``config`` (or keyword overrides of :class:`FitConfig` fields) sets the optimisation; ``out`` is the run
     folder (checkpoints every epoch, ``metrics.jsonl``, ``final.safetensors``); ``resume`` continues there.
     A callback ``cb(record, model)`` runs after each epoch on rank 0 and may add keys to ``record`` or
-    return ``"stop"`` to end training early.
+    return ``"stop"`` to end training early. Under torchrun, a process group opened here is closed here.
     """
+    opened = _dist_open()
+    try:
+        result = _fit(
+            model, train, test=test, objective=objective, config=config, out=out, resume=resume, device=device,
+            metadata=metadata, callbacks=callbacks, **overrides,
+        )  # fmt: skip
+    except BaseException:
+        if opened:
+            close_process_group(barrier=False)
+        raise
+    if opened:
+        close_process_group()
+    return result
+
+
+def _fit(
+    model: nn.Module,
+    train: Any,
+    *,
+    test: Any,
+    objective: Any,
+    config: FitConfig | None,
+    out: str | os.PathLike | None,
+    resume: bool,
+    device: str | torch.device | None,
+    metadata: dict[str, Any] | None,
+    callbacks: list[Callable[[dict, nn.Module], Any]] | None,
+    **overrides: Any,
+) -> FitResult:
     cfg = dataclasses.replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
     cfg.validate()
     obj = make_objective(objective)
-    rank, world = _dist_setup()
+    rank, world = _dist_ranks()
     device = (
         torch.device(device)
         if device is not None
