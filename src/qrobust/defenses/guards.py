@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qrobust.attacks import FGSM, PGD
+from qrobust.data import ArrayDataset
 from qrobust.errors import ConfigError
 from qrobust.utils import eval_mode, model_device
 from qrobust.validation import check_eps, check_positive
@@ -82,8 +84,6 @@ class OverfitGuard:
         seed: int = 0,
         gradients: str = "ste",
     ) -> None:
-        from qrobust.data import ArrayDataset
-
         if isinstance(data, ArrayDataset):
             x, y = data.tensors(n)
         elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
@@ -114,8 +114,6 @@ class OverfitGuard:
 
     def measure(self, model: nn.Module) -> tuple[float, float]:
         """``(fgsm_acc, pgd_acc)`` of ``model`` on the held-out batch (its train/eval mode is restored)."""
-        from qrobust.attacks import FGSM, PGD
-
         device = model_device(model)
         x, y = self.x.to(device), self.y.to(device)
         fgsm = FGSM(model, eps=self.eps, gradients=self.gradients)
