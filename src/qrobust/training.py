@@ -19,12 +19,15 @@ A run folder (``out=``) holds::
 epochs and a complete ``metrics.jsonl`` as an uninterrupted run.
 
 Under ``torchrun --nproc_per_node=N`` the same call trains with DistributedDataParallel (gloo on CPU,
-nccl on GPU); only rank 0 writes files. A process group that ``fit`` opened it also closes before it
-returns (or raises); one the caller opened stays open.
+nccl on GPU); only rank 0 writes files. A process group that ``fit`` opened, ``fit`` also closes: at
+interpreter exit, so that later ``fit`` calls of the same process reuse it (re-creating torchrun's default
+group after destroying it hangs now and then in its rendezvous); :func:`close_process_group` closes it
+sooner. One the caller opened is the caller's to close.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -319,17 +322,27 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- DDP
-def _dist_open() -> bool:
-    """Join the process group torchrun describes (``WORLD_SIZE`` > 1) unless one is open; True if opened here."""
+_opened = {"group": False, "failed": False}  # the process group fit opened, and whether a fit in it failed
+
+
+def _dist_open() -> None:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1) unless one is open; a group opened
+    here is closed at interpreter exit."""
     if dist.is_available() and dist.is_initialized():
-        return False
+        return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        return True
-    return False
+        if not _opened["group"]:
+            atexit.register(_close_opened_group)
+        _opened["group"] = True
+
+
+def _close_opened_group() -> None:
+    if _opened["group"]:
+        close_process_group(barrier=not _opened["failed"])
 
 
 def _dist_ranks() -> tuple[int, int]:
@@ -339,7 +352,7 @@ def _dist_ranks() -> tuple[int, int]:
 
 
 def close_process_group(*, barrier: bool = True) -> None:
-    """Leave the open process group (if any) together: a barrier, then destroy it.
+    """Leave the open process group (if any) together: a barrier, then destroy it (a no-op without one).
 
     Exiting with it open let a rank abort in gloo's teardown ("terminate called without an active
     exception") while the machine was loaded. ``barrier=False`` after a failure: the other ranks may never
@@ -381,21 +394,18 @@ def fit(
     ``config`` (or keyword overrides of :class:`FitConfig` fields) sets the optimisation; ``out`` is the run
     folder (checkpoints every epoch, ``metrics.jsonl``, ``final.safetensors``); ``resume`` continues there.
     A callback ``cb(record, model)`` runs after each epoch on rank 0 and may add keys to ``record`` or
-    return ``"stop"`` to end training early. Under torchrun, a process group opened here is closed here.
+    return ``"stop"`` to end training early. Under torchrun, a process group opened here is closed at exit
+    (see the module docstring).
     """
-    opened = _dist_open()
+    _dist_open()
     try:
-        result = _fit(
+        return _fit(
             model, train, test=test, objective=objective, config=config, out=out, resume=resume, device=device,
             metadata=metadata, callbacks=callbacks, **overrides,
         )  # fmt: skip
     except BaseException:
-        if opened:
-            close_process_group(barrier=False)
+        _opened["failed"] = True  # the other ranks may never reach a closing barrier
         raise
-    if opened:
-        close_process_group()
-    return result
 
 
 def _fit(
