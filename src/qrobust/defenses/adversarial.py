@@ -48,15 +48,9 @@ from torch import nn
 from qrobust.defenses.objectives import Objective, register_objective
 from qrobust.defenses.perturb import ce_per_sample, check_mode, crafting, linf_perturb
 from qrobust.errors import ConfigError
-from qrobust.validation import check_eps, check_positive
+from qrobust.validation import check_eps, check_int, check_positive
 
 __all__ = ["AdversarialObjective", "FgsmRS", "PgdAT", "Trades"]
-
-
-def check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
-    return int(value)
 
 
 class AdversarialObjective(Objective):
@@ -96,7 +90,7 @@ class PgdAT(AdversarialObjective):
     ) -> None:
         super().__init__(eps=eps, craft_mode=craft_mode)
         self.alpha = check_positive("alpha", alpha) if alpha is not None else self.eps / 4
-        self.steps = check_count("steps", steps)
+        self.steps = check_int("steps", steps)
         if not isinstance(random_start, bool):
             raise ConfigError(f"random_start must be True or False, got {random_start!r}")
         self.random_start = random_start
@@ -154,7 +148,7 @@ class Trades(AdversarialObjective):
     ) -> None:
         super().__init__(eps=eps, craft_mode=craft_mode)
         self.alpha = check_positive("alpha", alpha) if alpha is not None else self.eps / 4
-        self.steps = check_count("steps", steps)
+        self.steps = check_int("steps", steps)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ConfigError(f"beta must be a number ≥ 0 (TRADES uses 6), got {beta!r}")
         self.beta = float(beta)

@@ -34,7 +34,7 @@ from qrobust.attacks import FGSM, PGD
 from qrobust.data import ArrayDataset
 from qrobust.errors import ConfigError
 from qrobust.utils import eval_mode, model_device
-from qrobust.validation import check_eps, check_positive
+from qrobust.validation import check_eps, check_int, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,7 @@ class OverfitGuard:
                               f"{len(x)} images and {len(y)} labels")
         self.x, self.y = x.detach(), y.detach()
         self.eps = check_eps(eps, "Linf", positive=True)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"steps must be an integer ≥ 1, got {steps!r}")
-        self.steps = steps
+        self.steps = check_int("steps", steps)
         self.alpha = check_positive("alpha", alpha) if alpha is not None else self.eps / 4
         self.drop = _fraction("drop", drop)
         self.gap = _fraction("gap", gap)
