@@ -248,19 +248,17 @@ class QuantSpec:
                     f"ste={ste!r} is the old name of sign_grad, which is {self.sign_grad!r}; give only sign_grad"
                 )
             set_(self, "sign_grad", ste)
-        set_(self, "weight_bits", check_bits(self.weight_bits, name="weight_bits"))
-        set_(self, "act_bits", check_bits(self.act_bits, name="act_bits"))
-        set_(self, "weight_scheme", check_choice("weight_scheme", self.weight_scheme, WEIGHT_SCHEMES, casefold=True))
-        set_(self, "act_scheme", check_choice("act_scheme", self.act_scheme, ACT_SCHEMES, casefold=True))
-        set_(self, "act_clip", check_clip(self.act_clip))
-        set_(self, "sign_grad", check_choice("sign_grad", self.sign_grad, SIGN_GRADS, casefold=True))
+        weight = check_weight_config(self.weight_bits, self.weight_scheme, self.sign_grad)
+        act = check_act_config(self.act_bits, self.act_scheme, self.act_clip, self.sign_grad)
+        for key, value in zip(("weight_bits", "weight_scheme", "sign_grad"), weight):
+            set_(self, key, value)
+        for key, value in zip(("act_bits", "act_scheme", "act_clip"), act):
+            set_(self, key, value)
         for key in ("first_layer_bits", "last_layer_bits"):
             value = getattr(self, key)
             if value is not None:
                 set_(self, key, check_bits(value, name=key))
         set_(self, "overrides", self._normalize_overrides(self.overrides))
-        check_weight_combo(self.weight_bits, self.weight_scheme, where="weight_bits")
-        check_act_combo(self.act_bits, self.act_scheme, where="act_bits")
         for key in ("first_layer_bits", "last_layer_bits"):
             if getattr(self, key) is not None:
                 check_weight_combo(getattr(self, key), self.weight_scheme, where=key)
