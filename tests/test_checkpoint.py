@@ -12,7 +12,7 @@ import qrobust
 from qrobust import checkpoint
 from qrobust.errors import CheckpointError
 from qrobust.models import build_model
-from qrobust.quant import quantize
+from qrobust.quant import QuantSpec, quantize
 
 
 def _model():
@@ -138,3 +138,21 @@ def test_read_metadata_is_plain_json(tmp_path):
     meta = checkpoint.read_metadata(p)
     json.dumps(meta)
     assert meta["arch"]["name"] == "digits_cnn"
+
+
+def test_old_checkpoint_with_the_ste_spec_key_still_loads(tmp_path):
+    """Checkpoints written before ``ste`` became ``sign_grad`` keep loading, with the same function."""
+    spec = QuantSpec.parse("w1a1,act_scheme=sign,sign_grad=clipped,first_layer_bits=8", overrides={"fc2": "w1"})
+    q = quantize(_model(), spec).eval()
+    checkpoint.save(q, tmp_path / "new.safetensors")
+    tensors, meta = checkpoint.read_tensors(tmp_path / "new.safetensors")
+    old_spec = {("ste" if k == "sign_grad" else k): v for k, v in meta["spec"].items()}
+    old_spec["name"] = "w1a1,act_scheme=sign,ste=clipped,first_layer_bits=8"
+    old_spec["overrides"] = {"fc2": {"weight_bits": 1, "ste": "clipped"}}
+    doc = {k: v for k, v in meta.items() if k not in ("format", "qrobust_version", "torch_version", "sha256")}
+    checkpoint.save_tensors(tmp_path / "old.safetensors", tensors, {**doc, "spec": old_spec})
+    old = qrobust.load(tmp_path / "old.safetensors")
+    assert old.qrobust_spec["sign_grad"] == "clipped" and "ste" not in old.qrobust_spec
+    assert old.qrobust_spec["overrides"] == {"fc2": {"weight_bits": 1, "sign_grad": "clipped"}}
+    x = torch.rand(5, 1, 8, 8)
+    assert torch.equal(q(x), old(x))

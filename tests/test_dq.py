@@ -192,8 +192,6 @@ def test_dq_objective_is_registered_and_composes():
     ce = nn.functional.cross_entropy(model(x), y)
     assert loss.item() == pytest.approx(ce.item() + OrthogonalityPenalty(0.01, layers="hidden")(model).item(),
                                         rel=1e-5)
-    import qrobust.defenses.adversarial  # noqa: F401  (registers pgd-at)
-
     at = make_objective("dq", beta=0.01, base="pgd-at", eps=0.1, steps=1)
     assert at.config()["main"]["name"] == "pgd-at"
     with pytest.raises(ConfigError, match="base"):

@@ -15,11 +15,15 @@ from hypothesis import strategies as st
 
 from qrobust.errors import ConfigError
 from qrobust.quant import (
+    GRADIENT_MODES,
     BinaryWeightQuantizer,
     ClipActQuantizer,
     DoReFaWeightQuantizer,
     LSQWeightQuantizer,
     PACTActQuantizer,
+    QuantAct,
+    QuantConv2d,
+    QuantLinear,
     QuantSpec,
     SignActQuantizer,
     UniformWeightQuantizer,
@@ -242,7 +246,7 @@ def test_sign_q_is_exactly_plus_minus_one_for_large_inputs():
     from qrobust.quant import sign_q
 
     x = torch.tensor([-3e9, -1e8, 1e8, 3e9])
-    for mode in ("ste", "native"):
+    for mode in ("estimator", "native"):
         with gradient_mode(mode):
             assert sign_q(x).tolist() == [-1.0, -1.0, 1.0, 1.0]
     assert _grad(sign_q, x).tolist() == [1.0] * 4
@@ -278,15 +282,15 @@ def test_symmetric_weight_gradient_is_identity(per_channel):
 def test_binary_weight_gradient_identity_and_clipped():
     w = torch.tensor([[0.5, -1.5, 0.25, 2.0], [0.1, -0.2, 0.3, 0.4]])
     alpha = w.abs().mean(dim=1, keepdim=True).expand_as(w)
-    assert torch.equal(_grad(lambda t: QF.binary_weight_quantize(t, ste="identity"), w), alpha)
+    assert torch.equal(_grad(lambda t: QF.binary_weight_quantize(t, sign_grad="identity"), w), alpha)
     mask = (w.abs() <= 1).float()
-    assert torch.equal(_grad(lambda t: QF.binary_weight_quantize(t, ste="clipped"), w), alpha * mask)
+    assert torch.equal(_grad(lambda t: QF.binary_weight_quantize(t, sign_grad="clipped"), w), alpha * mask)
 
 
 def test_sign_activation_gradient_identity_and_hardtanh():
     x = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
-    assert _grad(lambda t: QF.sign_activation(t, ste="identity"), x).tolist() == [1] * 7
-    assert _grad(lambda t: QF.sign_activation(t, ste="clipped"), x).tolist() == [0, 1, 1, 1, 1, 1, 0]
+    assert _grad(lambda t: QF.sign_activation(t, sign_grad="identity"), x).tolist() == [1] * 7
+    assert _grad(lambda t: QF.sign_activation(t, sign_grad="clipped"), x).tolist() == [0, 1, 1, 1, 1, 1, 0]
 
 
 def test_dorefa_gradient_is_that_of_its_continuous_surrogate():
@@ -337,7 +341,7 @@ ALL_QUANTIZERS = {
     "uniform_per_channel": lambda: UniformWeightQuantizer(3, per_channel=True),
     "lsq": lambda: LSQWeightQuantizer(3, weight=torch.ones(4, 5)),
     "binary": lambda: BinaryWeightQuantizer(),
-    "binary_clipped": lambda: BinaryWeightQuantizer(ste="clipped"),
+    "binary_clipped": lambda: BinaryWeightQuantizer(sign_grad="clipped"),
     "clip": lambda: ClipActQuantizer(3, alpha=1.0),
     "pact": lambda: PACTActQuantizer(3, alpha=1.0),
     "sign": lambda: SignActQuantizer(),
@@ -493,7 +497,7 @@ def test_spec_resolution_order():
     assert spec.weight_config("layer1.1.conv1")["bits"] == 3  # prefix override
     assert spec.weight_config("layer1.0.conv1")["bits"] == 2  # more specific override wins
     assert spec.weight_config("layer10.conv")["bits"] == 4  # "layer1" is not a prefix of "layer10"
-    assert spec.act_config("layer1.0.relu") == {"bits": 1, "scheme": "clip", "clip": 6.0, "ste": "clipped"}
+    assert spec.act_config("layer1.0.relu") == {"bits": 1, "scheme": "clip", "clip": 6.0, "sign_grad": "clipped"}
     assert spec.act_config("layer1.1.relu")["bits"] == 3
     only = QuantSpec.parse("w4a4,first_layer_bits=8")
     assert only.weight_config("fc", first=False, last=True)["bits"] == 4
@@ -600,14 +604,14 @@ def test_bpda_mode_backpropagates_like_the_float_activation():
     act = QuantAct(2, clip=1.0, kind="relu")
     x = torch.tensor([-0.5, 0.2, 0.6, 3.0], requires_grad=True)
     grads = {}
-    for mode in ("ste", "native", "bpda"):
+    for mode in ("estimator", "native", "bpda"):
         x.grad = None
         with gradient_mode(mode):
             out = act(x)
             out.sum().backward()
         grads[mode] = x.grad.tolist()
         assert torch.equal(out.detach(), act(x).detach())  # the forward value never changes with the mode
-    assert grads["ste"] == [0.0, 1.0, 1.0, 0.0]
+    assert grads["estimator"] == [0.0, 1.0, 1.0, 0.0]
     assert grads["native"] == [0.0, 0.0, 0.0, 0.0]
     assert grads["bpda"] == [0.0, 1.0, 1.0, 1.0]
     assert attack_mode("ste") == "bpda" and attack_mode("native") == "native"
@@ -616,3 +620,42 @@ def test_bpda_mode_backpropagates_like_the_float_activation():
     with gradient_mode("bpda"):
         six(x6).sum().backward()
     assert x6.grad.tolist() == [1.0, 0.0]  # ReLU6's own saturation is part of the float model: kept
+
+
+def test_sign_grad_reads_its_old_name_ste_wherever_a_spec_was_persisted():
+    new = QuantSpec(weight_bits=1, act_bits=1, act_scheme="sign", sign_grad="clipped")
+    assert QuantSpec.parse("w1a1,act_scheme=sign,ste=clipped") == new
+    assert QuantSpec.parse("w1a1,act_scheme=sign", ste="clipped") == new
+    assert QuantSpec(weight_bits=1, act_bits=1, act_scheme="sign", ste="clipped") == new
+    old_dict = {k: v for k, v in new.to_dict().items() if k != "sign_grad"} | {"ste": "clipped"}
+    assert QuantSpec.from_dict(old_dict) == new
+    assert QuantSpec.parse("w1a1,fc=w1").replace(overrides={"fc": {"ste": "clipped"}}).overrides == {
+        "fc": {"sign_grad": "clipped"}
+    }
+    assert str(new) == "w1a1,act_scheme=sign,sign_grad=clipped"
+    with pytest.raises(ConfigError, match="old name"):
+        QuantSpec(sign_grad="clipped", ste="identity")
+
+
+def test_layers_check_their_settings_with_the_specs_own_checks():
+    for make in (lambda **kw: QuantConv2d(1, 1, 1, **kw), lambda **kw: QuantLinear(2, 1, **kw)):
+        with pytest.raises(ConfigError, match="weight_scheme must be one of"):
+            make(weight_scheme="ternary")
+        with pytest.raises(ConfigError, match="1-bit only"):
+            make(weight_bits=4, weight_scheme="binary")
+        with pytest.raises(ConfigError, match="sign_grad must be one of"):
+            make(weight_bits=1, sign_grad="smooth")
+        assert make(weight_scheme=" LSQ ").weight_scheme == "lsq"
+    with pytest.raises(ConfigError, match="act_scheme must be one of"):
+        QuantAct(4, scheme="relu")
+    with pytest.raises(ConfigError, match="1-bit only"):
+        QuantAct(4, scheme="sign")
+    with pytest.raises(ConfigError, match="act_bits must be one of"):
+        QuantAct(9)
+
+
+def test_the_training_gradient_mode_is_called_estimator_not_ste():
+    assert GRADIENT_MODES == ("estimator", "native", "bpda")
+    with pytest.raises(ConfigError, match="attack_mode"):
+        with gradient_mode("ste"):
+            pass

@@ -202,6 +202,53 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert qrobust.load(out) is not None
 
 
+_LIBRARY_DDP = """
+import atexit, os, pathlib
+import torch, torch.distributed as dist
+from torch import nn
+from qrobust import fit
+log = pathlib.Path(os.environ["LOG_DIR"]) / f"rank{os.environ['RANK']}.txt"
+
+
+@atexit.register  # registered first, so it runs after the exit hook fit registers
+def report():
+    with log.open("a") as f:
+        f.write(f"CLOSED {not dist.is_initialized()}\\n")
+
+
+g = torch.Generator().manual_seed(0)
+data = (torch.rand(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g))
+fit(nn.Linear(4, 3), data, epochs=1, batch_size=16, lr=0.1, device="cpu")
+log.write_text(f"OPEN {dist.is_initialized()} {dist.get_world_size()}\\n")
+fit(nn.Linear(4, 3), data, epochs=1, batch_size=16, lr=0.1, device="cpu")  # the same group again
+"""
+
+
+@pytest.mark.slow
+def test_a_library_fit_under_torchrun_closes_the_process_group_it_opened(tmp_path):
+    script = tmp_path / "lib_ddp.py"
+    script.write_text(_LIBRARY_DDP)
+    env = {**os.environ, "QROBUST_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "LOG_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", str(script)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text().splitlines() == ["OPEN True 2", "CLOSED True"]
+
+
+def test_fit_leaves_a_process_group_it_did_not_open_to_its_owner(monkeypatch):
+    import torch.distributed as dist
+
+    from qrobust import training
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("must not open a second group"))
+    monkeypatch.setitem(training._opened, "group", False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    training._dist_open()
+    assert training._opened["group"] is False
+
+
 def test_odgq_resume_restores_carried_perturbations(tmp_path, digits):
     """ODG-Q keeps per-sample perturbations across epochs: a resumed run must continue them (and its
     metrics carry the objective's own odgq_* numbers)."""

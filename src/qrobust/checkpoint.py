@@ -23,11 +23,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qrobust._version import __version__
 from qrobust.errors import CheckpointError
+from qrobust.models import build_model
+from qrobust.quant import QuantSpec, quantize
 from qrobust.utils import atomic_write
 
 FORMAT = "qrobust-checkpoint/1"
@@ -57,8 +61,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Low level: write ``tensors`` and the JSON-serialisable ``meta`` to ``path`` atomically."""
-    from safetensors.torch import save_file
-
     tensors = _plain_state(tensors)
     doc = {
         "format": FORMAT,
@@ -71,7 +73,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         header = {"qrobust": json.dumps(doc, default=_json_default)}
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {e}") from e
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(Path(path), lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
 
 
 def _json_default(o: Any) -> Any:
@@ -126,14 +128,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def read_tensors(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Low level: the tensors and the qrobust metadata of a checkpoint file, checked for integrity."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     p = resolve_checkpoint(path)
     try:
         with safe_open(str(p), framework="pt") as f:
             header = f.metadata() or {}
-        tensors = load_file(str(p))
+        tensors = safetensors.torch.load_file(str(p))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{p} is not a readable safetensors checkpoint (truncated or corrupt?): {e}") from e
     if "qrobust" not in header:
@@ -156,9 +155,6 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 def build_from_meta(meta: dict) -> nn.Module:
     """An untrained model with the architecture (and quantization) a checkpoint describes."""
-    from qrobust.models import build_model
-    from qrobust.quant import QuantSpec, quantize
-
     arch = meta.get("arch")
     if not isinstance(arch, dict) or "name" not in arch:
         raise CheckpointError("checkpoint metadata has no valid 'arch' (architecture name and arguments)")

@@ -13,7 +13,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from qrobust import checkpoint
+from qrobust._version import __version__
+from qrobust.analysis.amplification import amplification_report
+from qrobust.analysis.lipschitz import format_lipschitz_table, lipschitz_table
+from qrobust.attacks import ATTACKS, make_attack
+from qrobust.data import available_datasets, load_dataset
+from qrobust.defenses import OverfitGuard, make_objective
 from qrobust.errors import ConfigError, QrobustError
+from qrobust.evaluation import evaluate
+from qrobust.models import build_model
+from qrobust.quant import QuantSpec, describe, format_description, quantize
+from qrobust.report import save_adversarial_examples
+from qrobust.studies.demo import run_demo
+from qrobust.training import FitConfig, close_process_group, fit
 
 log = logging.getLogger("qrobust")
 
@@ -46,8 +61,6 @@ def parse_bits(text: str) -> str:
 
 
 def load_data(args: argparse.Namespace, split: str):
-    from qrobust.data import load_dataset
-
     ds = load_dataset(
         args.dataset,
         split,
@@ -63,10 +76,6 @@ def load_data(args: argparse.Namespace, split: str):
 
 def build_for_data(args: argparse.Namespace, train_ds) -> Any:
     """The model the run asks for: from ``--init`` (fine-tuning) or built fresh for the dataset."""
-    from qrobust import checkpoint
-    from qrobust.models import build_model
-    from qrobust.quant import QuantSpec, quantize
-
     spec = QuantSpec.parse(parse_bits(args.bits)) if args.bits else None
     if spec is not None:
         spec = spec.with_options(
@@ -102,8 +111,6 @@ def build_for_data(args: argparse.Namespace, train_ds) -> Any:
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, default: str | None = "digits") -> None:
-    from qrobust.data import available_datasets
-
     p.add_argument(
         "--dataset", default=default, choices=available_datasets(), help="dataset name (default: %(default)s)"
     )
@@ -120,8 +127,6 @@ def _add_data_args(p: argparse.ArgumentParser, *, default: str | None = "digits"
 
 # ------------------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from qrobust.training import FitConfig, fit
-
     train_ds = load_data(args, "train")
     test_ds = load_data(args, "test")
     model = build_for_data(args, train_ds)
@@ -131,8 +136,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             options = json.loads(args.objective_options)
         except json.JSONDecodeError as e:
             raise ConfigError(f"--objective-options must be JSON, e.g. '{{\"label_smoothing\": 0.1}}': {e}") from e
-    from qrobust.defenses import make_objective
-
     flags = {
         "beta": args.beta,
         "base": args.base,
@@ -149,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         weight_decay=args.weight_decay,
         # a recipe's usual schedule (FGSM-RS: one-cycle) unless --schedule says otherwise
-        schedule=args.schedule or getattr(objective, "recommended_fit", {}).get("schedule", "cosine"),
+        schedule=args.schedule or objective.recommended_fit.get("schedule", "cosine"),
         seed=args.seed,
         bf16=args.bf16,
         channels_last=args.channels_last,
@@ -160,8 +163,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{args.dataset}-{model.qrobust_arch['name']}-{args.bits or 'float'}")
     callbacks = []
     if args.co_guard:
-        from qrobust.defenses import OverfitGuard
-
         callbacks.append(
             OverfitGuard(test_ds, eps=getattr(objective, "eps", 8 / 255), action=args.co_guard, seed=args.seed)
         )
@@ -182,9 +183,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from qrobust import checkpoint
-    from qrobust.quant import describe, format_description
-
     model = checkpoint.load(args.checkpoint)
     meta = model.qrobust_meta
     print(f"{args.checkpoint}: {meta['arch']['name']}  spec={meta.get('spec') and meta['spec'].get('name')}")
@@ -200,8 +198,6 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from qrobust.studies.demo import run_demo
-
     run_demo(out=Path(args.out), quick=args.quick, seed=args.seed)
     return 0
 
@@ -235,9 +231,6 @@ def _eval_data(args: argparse.Namespace, model) -> tuple[Any, str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from qrobust import checkpoint
-    from qrobust.evaluation import evaluate
-
     model = checkpoint.load(args.checkpoint)
     data, dataset = _eval_data(args, model)
     parent = checkpoint.load(args.parent) if args.parent else None
@@ -266,12 +259,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    import torch
-
-    from qrobust import checkpoint
-    from qrobust.attacks import make_attack
-    from qrobust.report import save_adversarial_examples
-
     model = checkpoint.load(args.checkpoint)
     (x, y), dataset = _eval_data(args, model)
     eps = parse_eps(args.eps, args.norm)
@@ -285,8 +272,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     }
     if args.norm != "Linf":
         options["norm"] = args.norm
-    from qrobust.attacks import ATTACKS
-
     cls = ATTACKS.get(args.attack.lower())
     if cls is not None and "alpha" in inspect.signature(cls.__init__).parameters and "alpha" not in options:
         options["alpha"] = eps[0] / 4  # a step that can cross the ε-ball in the default number of steps
@@ -326,17 +311,11 @@ def _json_option(text: str | None, flag: str) -> dict:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from qrobust import checkpoint
-
     if args.what == "lipschitz":
-        from qrobust.analysis.lipschitz import format_lipschitz_table, lipschitz_table
-
         model = checkpoint.load(args.checkpoints[0])
         print(f"{args.checkpoints[0]}: per-layer Lipschitz constants (spectral norms of the layers as operators)")
         print(format_lipschitz_table(lipschitz_table(model, iters=args.iters)))
         return 0
-    from qrobust.analysis.amplification import amplification_report
-
     models = {
         Path(c).with_suffix("").name if Path(c).is_file() else Path(c).name: checkpoint.load(c)
         for c in args.checkpoints
@@ -427,10 +406,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------- parser
 def make_parser() -> argparse.ArgumentParser:
-    import qrobust
-
     p = _Parser(prog="qrobust", description="Build and verify adversarially robust quantized neural networks.")
-    p.add_argument("--version", action="version", version=f"qrobust {qrobust.__version__}")
+    p.add_argument("--version", action="version", version=f"qrobust {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -606,20 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         print("qrobust: interrupted", file=sys.stderr)
         return 130
     finally:
-        _close_process_group()
-
-
-def _close_process_group() -> None:
-    """Under torchrun, ``fit`` joined a process group; leave it together before the process exits. Exiting
-    with it open let a rank abort in gloo's teardown ("terminate called without an active exception")
-    while the machine was loaded."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        close_process_group()  # fit closes the group it opens; this covers one left open by anything else
 
 
 if __name__ == "__main__":  # pragma: no cover

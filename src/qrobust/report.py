@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from qrobust.analysis.diagnostics import CHECKS
 from qrobust.errors import InputError
 from qrobust.figures import new_figure, save_figure
 from qrobust.utils import atomic_write, atomic_write_text
@@ -177,8 +178,6 @@ def render_markdown(report: Any, *, plot: str | None = ACCURACY_PNG) -> str:
 
 
 def _title(name: str) -> str:
-    from qrobust.analysis.diagnostics import CHECKS
-
     return CHECKS.get(name, name)
 
 

@@ -1,10 +1,12 @@
 """One training loop for every recipe: objectives plug in, runs resume after a kill, DDP when launched so.
 
-``fit(model, train, objective=...)`` knows only ``objective(model, x, y) -> loss`` (or ``(loss, logits)``).
-Natural training, the Defensive-Quantization penalty, adversarial training and ODG-Q are all objectives.
-Optional hooks an objective may have: ``on_epoch_start(epoch)``, ``set_batch_view(view)`` (called before
-each step with the loader's :class:`~qrobust.data.BatchView` — dataset indices and augmentation — or None),
-``state_dict()``/``load_state_dict()`` (saved with every epoch checkpoint) and ``callback(record, model)``.
+``fit(model, train, objective=...)`` knows only the :class:`~qrobust.defenses.objectives.Objective` protocol:
+``objective(model, x, y) -> loss`` (or ``(loss, logits)``) and its hooks, which default to no-ops:
+``on_epoch_start(epoch)``, ``set_batch_view(view)`` (called before each step with the loader's
+:class:`~qrobust.data.BatchView` — dataset indices and augmentation — or None), ``state_dict()``/
+``load_state_dict()`` (saved with every epoch checkpoint) and ``callback(record, model)``. A plain callable
+is wrapped. Natural training, the Defensive-Quantization penalty, adversarial training and ODG-Q are all
+objectives.
 
 A run folder (``out=``) holds::
 
@@ -17,11 +19,15 @@ A run folder (``out=``) holds::
 epochs and a complete ``metrics.jsonl`` as an uninterrupted run.
 
 Under ``torchrun --nproc_per_node=N`` the same call trains with DistributedDataParallel (gloo on CPU,
-nccl on GPU); only rank 0 writes files.
+nccl on GPU); only rank 0 writes files. A process group that ``fit`` opened, ``fit`` also closes: at
+interpreter exit, so that later ``fit`` calls of the same process reuse it (re-creating torchrun's default
+group after destroying it hangs now and then in its rendezvous); :func:`close_process_group` closes it
+sooner. One the caller opened is the caller's to close.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -40,7 +46,7 @@ from torch import nn
 
 from qrobust import checkpoint as ckpt
 from qrobust.data.inputs import as_batches
-from qrobust.defenses.objectives import make_objective, split_output
+from qrobust.defenses.objectives import Objective, make_objective, split_output
 from qrobust.errors import CheckpointError, ConfigError
 from qrobust.utils import atomic_write_text, eval_mode, model_device, progress, seed_everything
 
@@ -212,16 +218,14 @@ def _save_epoch(
     history: list,
     run_meta: dict,
     keep: int | None,
-    objective: Any = None,
+    objective: Objective,
 ) -> None:
     tensors = dict(model.state_dict())
     opt_tensors, opt_meta = _optimizer_to_tensors(opt)
     tensors.update(opt_tensors)
     tensors["__rng__/torch"] = torch.get_rng_state()
     # a stateful objective (ODG-Q's carried perturbations) is saved with the epoch, so a resume continues it
-    obj_state = (
-        _flatten_state(objective.state_dict(), "__objective__", tensors) if hasattr(objective, "state_dict") else None
-    )
+    obj_state = _flatten_state(objective.state_dict(), "__objective__", tensors)
     meta = {
         "arch": getattr(model, "qrobust_arch", None),
         "spec": getattr(model, "qrobust_spec", None),
@@ -249,17 +253,48 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- DDP
-def _dist_setup() -> tuple[int, int]:
+_opened = {"group": False, "failed": False}  # the process group fit opened, and whether a fit in it failed
+
+
+def _dist_open() -> None:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1) unless one is open; a group opened
+    here is closed at interpreter exit."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if not _opened["group"]:
+            atexit.register(_close_opened_group)
+        _opened["group"] = True
+
+
+def _close_opened_group() -> None:
+    if _opened["group"]:
+        close_process_group(barrier=not _opened["failed"])
+
+
+def _dist_ranks() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def close_process_group(*, barrier: bool = True) -> None:
+    """Leave the open process group (if any) together: a barrier, then destroy it (a no-op without one).
+
+    Exiting with it open let a rank abort in gloo's teardown ("terminate called without an active
+    exception") while the machine was loaded. ``barrier=False`` after a failure: the other ranks may never
+    reach the barrier, and torchrun ends them when this one exits.
+    """
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _all_sum(values: list[float], world: int, device: torch.device) -> list[float]:
@@ -290,12 +325,38 @@ def fit(
     ``config`` (or keyword overrides of :class:`FitConfig` fields) sets the optimisation; ``out`` is the run
     folder (checkpoints every epoch, ``metrics.jsonl``, ``final.safetensors``); ``resume`` continues there.
     A callback ``cb(record, model)`` runs after each epoch on rank 0 and may add keys to ``record`` or
-    return ``"stop"`` to end training early.
+    return ``"stop"`` to end training early. Under torchrun, a process group opened here is closed at exit
+    (see the module docstring).
     """
+    _dist_open()
+    try:
+        return _fit(
+            model, train, test=test, objective=objective, config=config, out=out, resume=resume, device=device,
+            metadata=metadata, callbacks=callbacks, **overrides,
+        )  # fmt: skip
+    except BaseException:
+        _opened["failed"] = True  # the other ranks may never reach a closing barrier
+        raise
+
+
+def _fit(
+    model: nn.Module,
+    train: Any,
+    *,
+    test: Any,
+    objective: Any,
+    config: FitConfig | None,
+    out: str | os.PathLike | None,
+    resume: bool,
+    device: str | torch.device | None,
+    metadata: dict[str, Any] | None,
+    callbacks: list[Callable[[dict, nn.Module], Any]] | None,
+    **overrides: Any,
+) -> FitResult:
     cfg = dataclasses.replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
     cfg.validate()
     obj = make_objective(objective)
-    rank, world = _dist_setup()
+    rank, world = _dist_ranks()
     device = (
         torch.device(device)
         if device is not None
@@ -330,7 +391,7 @@ def fit(
                 )
                 _optimizer_from_tensors(opt, tensors, ts["optimizer"])
                 torch.set_rng_state(tensors["__rng__/torch"])
-                if ts.get("objective") is not None and hasattr(obj, "load_state_dict"):
+                if ts.get("objective") is not None:
                     obj.load_state_dict(_unflatten_state(ts["objective"], tensors))
                 start_epoch, history = ts["epoch"], ts["history"]
                 log.info("resuming %s after epoch %d", out_path, start_epoch)
@@ -339,7 +400,7 @@ def fit(
 
     run_meta = {
         "fit": cfg.to_dict(),
-        "objective": obj.config() if hasattr(obj, "config") else {"name": getattr(obj, "name", type(obj).__name__)},
+        "objective": obj.config(),
         **(metadata or {}),
     }
     if out_path is not None and rank == 0:
@@ -367,13 +428,11 @@ def fit(
         n_batches = min(n_batches, cfg.max_batches)
     total_steps = cfg.epochs * (n_batches or 1)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    set_view = getattr(obj, "set_batch_view", None)  # objectives with per-sample state (ODG-Q's bank)
 
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(batches, "set_epoch"):
             batches.set_epoch(epoch)
-        if hasattr(obj, "on_epoch_start"):
-            obj.on_epoch_start(epoch)
+        obj.on_epoch_start(epoch)
         net.train()
         t0 = time.perf_counter()
         loss_sum = correct = seen = 0.0
@@ -387,8 +446,7 @@ def fit(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cfg.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if set_view is not None:
-                set_view(getattr(batches, "batch_view", None))
+            obj.set_batch_view(getattr(batches, "batch_view", None))  # per-sample state (ODG-Q's bank)
             with autocast:
                 loss, logits = split_output(obj(net, x, y))
             if not torch.isfinite(loss):
@@ -420,8 +478,7 @@ def fit(
             if test is not None:
                 record["test_acc"] = accuracy(model, test, batch_size=cfg.eval_batch_size)
             # an objective may report per-epoch numbers of its own (ODG-Q's domain losses)
-            own = [obj.callback] if callable(getattr(obj, "callback", None)) else []
-            for cb in [*own, *(callbacks or [])]:
+            for cb in [obj.callback, *(callbacks or [])]:
                 if cb(record, model) == "stop":
                     stop = True
             history.append(record)

@@ -44,12 +44,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from qrobust.attacks import FGSM, PGD
 from qrobust.errors import ConfigError, InputError
 from qrobust.models.introspect import activation_modules
 from qrobust.quant import functional as QF
 from qrobust.quant.modes import quantization_disabled
 from qrobust.quant.spec import check_bits
-from qrobust.utils import atomic_write, eval_mode, model_device
+from qrobust.utils import atomic_write, atomic_write_text, eval_mode, model_device
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +263,6 @@ def amplification_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _make_attack(name: str, model: nn.Module, eps: float, *, steps: int, seed: int, gradients: str) -> Any:
-    from qrobust.attacks import FGSM, PGD
-
     if name == "fgsm":
         return FGSM(model, eps=eps, gradients=gradients, early_stop=False)
     return PGD(model, eps=eps, alpha=eps / 4, steps=steps, random_start=True, seed=seed, gradients=gradients,
@@ -439,8 +438,6 @@ def amplification_report(
             model, x, y, eps_list, attack=attack, steps=steps, bits=bits, alpha=alpha, seed=seed
         )
     if out is not None:
-        from qrobust.utils import atomic_write_text
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "amplification.json", json.dumps(result, indent=2))

@@ -169,7 +169,7 @@ def input_gradients(
     xg = x.detach().to(device).clone().requires_grad_(True)
     yd = y.to(device)
     if gradients == "surrogate":
-        ctx: Any = gradient_mode("ste")
+        ctx: Any = gradient_mode("estimator")
         disabled: Any = quantization_disabled(model) if surrogate is None else _null()
     else:
         ctx, disabled = gradient_mode(attack_mode(gradients)), _null()

@@ -550,7 +550,7 @@ class Attack(ABC):
     @contextmanager
     def _surrogate_model(self) -> Iterator[nn.Module]:
         if self.surrogate is not None:
-            with gradient_mode("ste"):
+            with gradient_mode("estimator"):
                 yield self.surrogate
         else:
             with quantization_disabled(self.model) as m:

@@ -60,7 +60,7 @@ class Transfer(Attack):
                 raise ConfigError("Transfer needs source=<the model to craft on> (or source_attack=...)")
             attack_kwargs.setdefault("early_stop", False)
             if isinstance(attack, str):
-                from qrobust.attacks import make_attack
+                from qrobust.attacks import make_attack  # deferred: the attacks package imports this module
 
                 source_attack = make_attack(attack, source, **attack_kwargs)
             elif isinstance(attack, type) and issubclass(attack, Attack):

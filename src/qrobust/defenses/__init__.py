@@ -1,24 +1,43 @@
-"""How models are made robust: training objectives and model-level tools."""
+"""How models are made robust: training objectives and model-level tools.
 
+Importing the package imports every built-in objective's module, so each is registered by name
+(``make_objective("pgd-at", ...)``) whichever part of ``qrobust.defenses`` a caller imported.
+"""
+
+from qrobust.defenses.adversarial import AdversarialObjective, FgsmRS, PgdAT, Trades
+from qrobust.defenses.guards import OverfitGuard, co_detected
 from qrobust.defenses.objectives import (
     OBJECTIVES,
     CrossEntropy,
+    FunctionObjective,
     Objective,
     Sum,
+    as_objective,
     make_objective,
     register_objective,
     split_output,
 )
+from qrobust.defenses.odgq import OdgQ
+from qrobust.defenses.orthogonality import OrthogonalityPenalty, dq_objective, orthogonality_error
 
-__all__ = ["OBJECTIVES", "CrossEntropy", "Objective", "Sum", "make_objective", "register_objective", "split_output"]
-
-from qrobust.defenses.orthogonality import OrthogonalityPenalty, dq_objective, orthogonality_error  # noqa: E402
-
-register_objective("dq", dq_objective)
-__all__ += ["OrthogonalityPenalty", "dq_objective", "orthogonality_error"]
-
-from qrobust.defenses.adversarial import FgsmRS, PgdAT, Trades  # noqa: E402  (registers pgd-at, fgsm-rs, trades)
-from qrobust.defenses.guards import OverfitGuard, co_detected  # noqa: E402
-from qrobust.defenses.odgq import OdgQ  # noqa: E402  (registers odgq)
-
-__all__ += ["FgsmRS", "OdgQ", "OverfitGuard", "PgdAT", "Trades", "co_detected"]
+__all__ = [
+    "OBJECTIVES",
+    "AdversarialObjective",
+    "CrossEntropy",
+    "FgsmRS",
+    "FunctionObjective",
+    "Objective",
+    "OdgQ",
+    "OrthogonalityPenalty",
+    "OverfitGuard",
+    "PgdAT",
+    "Sum",
+    "Trades",
+    "as_objective",
+    "co_detected",
+    "dq_objective",
+    "make_objective",
+    "orthogonality_error",
+    "register_objective",
+    "split_output",
+]

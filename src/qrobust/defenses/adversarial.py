@@ -45,26 +45,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrobust.defenses.objectives import register_objective
+from qrobust.defenses.objectives import Objective, register_objective
 from qrobust.defenses.perturb import ce_per_sample, check_mode, crafting, linf_perturb
 from qrobust.errors import ConfigError
-from qrobust.validation import check_eps, check_positive
+from qrobust.validation import check_eps, check_int, check_positive
 
 __all__ = ["AdversarialObjective", "FgsmRS", "PgdAT", "Trades"]
 
 
-def check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
-    return int(value)
-
-
-class AdversarialObjective:
+class AdversarialObjective(Objective):
     """Common settings (ε, craft mode) and the description every adversarial objective reports."""
 
     name: ClassVar[str] = "adversarial"
-    #: FitConfig settings the recipe is usually trained with (the CLI may apply them as defaults)
-    recommended_fit: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, *, eps: float, craft_mode: str = "train") -> None:
         self.eps = check_eps(eps, "Linf", positive=True)
@@ -81,6 +73,7 @@ class AdversarialObjective:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in cfg.items())})"
 
 
+@register_objective("pgd-at")
 class PgdAT(AdversarialObjective):
     """Madry et al.'s PGD adversarial training: CE on PGD-``steps`` examples (α defaults to ε/4)."""
 
@@ -97,7 +90,7 @@ class PgdAT(AdversarialObjective):
     ) -> None:
         super().__init__(eps=eps, craft_mode=craft_mode)
         self.alpha = check_positive("alpha", alpha) if alpha is not None else self.eps / 4
-        self.steps = check_count("steps", steps)
+        self.steps = check_int("steps", steps)
         if not isinstance(random_start, bool):
             raise ConfigError(f"random_start must be True or False, got {random_start!r}")
         self.random_start = random_start
@@ -111,6 +104,7 @@ class PgdAT(AdversarialObjective):
         return F.cross_entropy(logits, y), logits
 
 
+@register_objective("fgsm-rs")
 class FgsmRS(AdversarialObjective):
     """Wong et al.'s FGSM with random start: one step of α (default 1.25ε) from a uniform start in the
     ε-ball, projected back onto it. Train it with the cyclic (``onecycle``) schedule."""
@@ -137,6 +131,7 @@ def kl_per_sample(p_clean: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (p_clean * (torch.log(p_clean.clamp_min(1e-12)) - logp)).sum(dim=1)
 
 
+@register_objective("trades")
 class Trades(AdversarialObjective):
     """TRADES: ``CE(f(x), y) + β · KL(f(x) ‖ f(x'))`` with ``x'`` maximising the KL by PGD-``steps``."""
 
@@ -153,7 +148,7 @@ class Trades(AdversarialObjective):
     ) -> None:
         super().__init__(eps=eps, craft_mode=craft_mode)
         self.alpha = check_positive("alpha", alpha) if alpha is not None else self.eps / 4
-        self.steps = check_count("steps", steps)
+        self.steps = check_int("steps", steps)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ConfigError(f"beta must be a number ≥ 0 (TRADES uses 6), got {beta!r}")
         self.beta = float(beta)
@@ -172,7 +167,3 @@ class Trades(AdversarialObjective):
         loss = F.cross_entropy(logits, y) + self.beta * robust.sum(dim=1).mean()
         return loss, logits
 
-
-register_objective(PgdAT.name, PgdAT)
-register_objective(FgsmRS.name, FgsmRS)
-register_objective(Trades.name, Trades)

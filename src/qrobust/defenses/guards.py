@@ -30,9 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from qrobust.attacks import FGSM, PGD
+from qrobust.data import ArrayDataset
 from qrobust.errors import ConfigError
 from qrobust.utils import eval_mode, model_device
-from qrobust.validation import check_eps, check_positive
+from qrobust.validation import check_eps, check_int, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,6 @@ class OverfitGuard:
         seed: int = 0,
         gradients: str = "ste",
     ) -> None:
-        from qrobust.data import ArrayDataset
-
         if isinstance(data, ArrayDataset):
             x, y = data.tensors(n)
         elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
@@ -95,9 +95,7 @@ class OverfitGuard:
                               f"{len(x)} images and {len(y)} labels")
         self.x, self.y = x.detach(), y.detach()
         self.eps = check_eps(eps, "Linf", positive=True)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"steps must be an integer ≥ 1, got {steps!r}")
-        self.steps = steps
+        self.steps = check_int("steps", steps)
         self.alpha = check_positive("alpha", alpha) if alpha is not None else self.eps / 4
         self.drop = _fraction("drop", drop)
         self.gap = _fraction("gap", gap)
@@ -114,8 +112,6 @@ class OverfitGuard:
 
     def measure(self, model: nn.Module) -> tuple[float, float]:
         """``(fgsm_acc, pgd_acc)`` of ``model`` on the held-out batch (its train/eval mode is restored)."""
-        from qrobust.attacks import FGSM, PGD
-
         device = model_device(model)
         x, y = self.x.to(device), self.y.to(device)
         fgsm = FGSM(model, eps=self.eps, gradients=self.gradients)

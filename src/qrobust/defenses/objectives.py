@@ -1,8 +1,21 @@
-"""Training objectives: ``objective(model, x, y) -> loss``.
+"""Training objectives: the protocol :func:`qrobust.fit` relies on, the registry of names, and composition.
 
-The training loop knows nothing but this call. An objective may instead return ``(loss, logits)`` so the
-loop can report training accuracy without a second forward pass. Objectives compose by addition
+An objective is an :class:`Objective`: called as ``objective(model, x, y)`` it returns the loss, or
+``(loss, logits)`` so the loop can report training accuracy without a second forward pass. Its optional
+hooks have no-op defaults, and :func:`qrobust.fit` calls them directly:
+
+* ``on_epoch_start(epoch)`` — before each epoch;
+* ``set_batch_view(view)`` — before each step, with the loader's :class:`~qrobust.data.BatchView` (dataset
+  indices and augmentation) or None;
+* ``state_dict()`` / ``load_state_dict(state)`` — state saved with every epoch checkpoint and restored on
+  resume (``None``: stateless);
+* ``callback(record, model)`` — after each epoch on rank 0; may add keys to ``record`` or return ``"stop"``;
+* ``recommended_fit`` — :class:`~qrobust.training.FitConfig` settings the recipe is usually trained with.
+
+A plain callable ``(model, x, y) -> loss`` is wrapped (:func:`as_objective`). Objectives compose by addition
 (:class:`Sum`), which is how a regulariser such as the Defensive-Quantization penalty joins any loss.
+Every built-in registers its name with :func:`register_objective`; ``qrobust.defenses`` imports them all,
+so :func:`make_objective` finds each by name whichever module the caller imported.
 
 >>> import torch
 >>> from torch import nn
@@ -16,7 +29,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +38,92 @@ from torch import nn
 from qrobust.errors import ConfigError
 
 
-class Objective(Protocol):
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any: ...
+class Objective:
+    """Base of every training objective: ``__call__`` is the loss, the loop's hooks default to no-ops."""
+
+    #: the optional hooks :func:`qrobust.fit` calls (and :class:`Sum` forwards to its main objective)
+    HOOKS: ClassVar[tuple[str, ...]] = (
+        "on_epoch_start",
+        "set_batch_view",
+        "state_dict",
+        "load_state_dict",
+        "callback",
+        "recommended_fit",
+    )
+    #: FitConfig settings the recipe is usually trained with (the CLI applies them unless told otherwise)
+    recommended_fit: ClassVar[dict[str, Any]] = {}
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(model, x, y) -> loss")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each epoch (0-based)."""
+
+    def set_batch_view(self, view: Any) -> None:
+        """Called before each step with where the batch came from (a ``BatchView``) or None."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """State to save with each epoch checkpoint; None when the objective has none."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on resume)."""
+
+    def callback(self, record: dict[str, Any], model: nn.Module) -> Any:
+        """Called after each epoch on rank 0; may add keys to ``record`` or return ``"stop"``."""
+        return None
+
+    def config(self) -> dict[str, Any]:
+        """A JSON-serialisable description (recorded in the run's ``config.json``)."""
+        return {"name": getattr(self, "name", type(self).__name__)}
+
+
+class FunctionObjective(Objective):
+    """A plain callable ``fn(model, x, y) -> loss`` as an :class:`Objective`.
+
+    Hooks that ``fn`` itself has (an objective written before the protocol was declared) are kept.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.name = getattr(fn, "name", type(fn).__name__)
+        for hook in self.HOOKS:
+            if hasattr(fn, hook):
+                setattr(self, hook, getattr(fn, hook))
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
+        return self.fn(model, x, y)
+
+    def config(self) -> dict[str, Any]:
+        return self.fn.config() if hasattr(self.fn, "config") else {"name": self.name}
+
+
+def as_objective(obj: Any) -> Objective:
+    """``obj`` if it is an :class:`Objective`, a plain callable wrapped as one, else ConfigError."""
+    if isinstance(obj, Objective):
+        return obj
+    if callable(obj):
+        return FunctionObjective(obj)
+    raise ConfigError(
+        f"an objective must be a registered name ({', '.join(sorted(OBJECTIVES))}) or a callable "
+        f"(model, x, y) -> loss, got {type(obj).__name__}"
+    )
+
+
+_Factory = TypeVar("_Factory", bound=Callable[..., Any])
+
+# name -> factory(**options) returning an Objective; filled by @register_objective
+OBJECTIVES: dict[str, Callable[..., Objective]] = {}
+
+
+def register_objective(name: str) -> Callable[[_Factory], _Factory]:
+    """Class or function decorator: ``make_objective(name, **options)`` builds an objective with it."""
+
+    def decorate(factory: _Factory) -> _Factory:
+        OBJECTIVES[name] = factory
+        return factory
+
+    return decorate
 
 
 def split_output(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -36,7 +133,8 @@ def split_output(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return out, None
 
 
-class CrossEntropy:
+@register_objective("ce")
+class CrossEntropy(Objective):
     """Natural training: cross-entropy on clean inputs (optionally label-smoothed)."""
 
     name = "ce"
@@ -54,28 +152,25 @@ class CrossEntropy:
         return {"name": self.name, "label_smoothing": self.label_smoothing}
 
 
-_HOOKS = ("on_epoch_start", "set_batch_view", "state_dict", "load_state_dict", "callback", "recommended_fit")
+class Sum(Objective):
+    """``main(model, x, y) + Σ regularizer(model)``: a loss plus model-only penalties.
 
+    The loop's hooks (:attr:`Objective.HOOKS`: per-epoch, per-batch, state, metrics, recommended settings)
+    are the main objective's own.
+    """
 
-class Sum:
-    """``main(model, x, y) + Σ regularizer(model)``: a loss plus model-only penalties."""
-
-    def __init__(self, main: Objective, *regularizers: Callable[[nn.Module], torch.Tensor]) -> None:
-        self.main = main
-        self.regularizers = regularizers
+    def __init__(self, main: Any, *regularizers: Callable[[nn.Module], torch.Tensor]) -> None:
         self.name = "+".join([getattr(main, "name", "objective")] + [getattr(r, "name", "reg") for r in regularizers])
+        self.main = as_objective(main)
+        self.regularizers = regularizers
+        for hook in self.HOOKS:
+            setattr(self, hook, getattr(self.main, hook))
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Any]:
         loss, logits = split_output(self.main(model, x, y))
         for reg in self.regularizers:
             loss = loss + reg(model)
         return loss, logits
-
-    def __getattr__(self, name: str) -> Any:
-        # the loop's optional hooks (per-epoch, per-batch, state, metrics) belong to the main objective
-        if name in _HOOKS and "main" in self.__dict__:
-            return getattr(self.__dict__["main"], name)
-        raise AttributeError(name)
 
     def config(self) -> dict[str, Any]:
         def cfg(o: Any) -> Any:
@@ -84,21 +179,13 @@ class Sum:
         return {"name": self.name, "main": cfg(self.main), "regularizers": [cfg(r) for r in self.regularizers]}
 
 
-# name -> factory(**options) ; later recipes (dq, pgd-at, fgsm-rs, trades, odgq) register here
-OBJECTIVES: dict[str, Callable[..., Objective]] = {"ce": CrossEntropy}
-
-
-def register_objective(name: str, factory: Callable[..., Objective]) -> None:
-    OBJECTIVES[name] = factory
-
-
-def make_objective(spec: str | Objective, **options: Any) -> Objective:
-    """An objective from its name (``"ce"`` …) and options, or ``spec`` itself if it is already callable."""
+def make_objective(spec: Any, **options: Any) -> Objective:
+    """An objective from its registered name (``"ce"`` …) and options, or ``spec`` itself as an Objective."""
     if callable(spec):
-        return spec
+        return as_objective(spec)
     if spec not in OBJECTIVES:
         raise ConfigError(f"unknown objective {spec!r}; choose one of {sorted(OBJECTIVES)}")
     try:
-        return OBJECTIVES[spec](**options)
+        return as_objective(OBJECTIVES[spec](**options))
     except TypeError as e:
         raise ConfigError(f"bad options for objective {spec!r}: {e}") from e

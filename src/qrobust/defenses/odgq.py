@@ -77,7 +77,7 @@ from qrobust.defenses.adversarial import AdversarialObjective
 from qrobust.defenses.objectives import register_objective
 from qrobust.defenses.perturb import ce_per_sample, clip_linf, cw_per_sample, linf_perturb, random_delta
 from qrobust.errors import ConfigError
-from qrobust.validation import check_positive
+from qrobust.validation import check_int, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,7 @@ def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+@register_objective("odgq")
 class OdgQ(AdversarialObjective):
     """The ODG-Q objective (see the module docstring for the domains, the cost and the DG losses).
 
@@ -262,9 +263,7 @@ class OdgQ(AdversarialObjective):
                 or not 0.0 <= craft_fraction <= 1.0:
             raise ConfigError(f"craft_fraction must be in [0, 1], got {craft_fraction!r}")
         self.craft_fraction = float(craft_fraction)
-        if isinstance(craft_every, bool) or not isinstance(craft_every, int) or craft_every < 1:
-            raise ConfigError(f"craft_every must be an integer ≥ 1, got {craft_every!r}")
-        self.craft_every = craft_every
+        self.craft_every = check_int("craft_every", craft_every)
         if isinstance(fresh_domains, str):
             fresh_domains = [d.strip() for d in fresh_domains.split(",") if d.strip()]
         fresh = list(fresh_domains)
@@ -436,5 +435,3 @@ class OdgQ(AdversarialObjective):
         self._pending = {"x_train": x_train, "x": x, "sign": sign, **store}
         return total, logits
 
-
-register_objective(OdgQ.name, OdgQ)

@@ -67,7 +67,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust.defenses.objectives import Sum, make_objective
+from qrobust.defenses.objectives import Sum, make_objective, register_objective
 from qrobust.errors import ConfigError
 from qrobust.models.introspect import weight_layers
 
@@ -363,6 +363,7 @@ def orthogonality_error(
     }
 
 
+@register_objective("dq")
 def dq_objective(
     *,
     beta: float = 3e-4,

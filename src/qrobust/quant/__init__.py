@@ -41,13 +41,13 @@ from qrobust.quant.quantizers import (
     make_act_quantizer,
     make_weight_quantizer,
 )
-from qrobust.quant.spec import ACT_SCHEMES, STE_VARIANTS, VALID_BITS, WEIGHT_SCHEMES, QuantSpec
+from qrobust.quant.spec import ACT_SCHEMES, SIGN_GRADS, VALID_BITS, WEIGHT_SCHEMES, QuantSpec
 
 __all__ = [
     "ACT_SCHEMES",
     "GRADIENT_MODES",
     "attack_mode",
-    "STE_VARIANTS",
+    "SIGN_GRADS",
     "VALID_BITS",
     "WEIGHT_SCHEMES",
     "BinaryWeightQuantizer",

@@ -148,7 +148,7 @@ def quantize(
         cfg = spec.weight_config(name, first=name == first, last=name == last)
         cls = QuantConv2d if type(m) is nn.Conv2d else QuantLinear
         replacements[id(m)] = cls.from_float(
-            m, weight_bits=cfg["bits"], weight_scheme=cfg["scheme"], ste=cfg["ste"]
+            m, weight_bits=cfg["bits"], weight_scheme=cfg["scheme"], sign_grad=cfg["sign_grad"]
         )
     for name, m in acts:
         cfg = spec.act_config(name)
@@ -157,7 +157,7 @@ def quantize(
             bits=cfg["bits"],
             scheme=cfg["scheme"],
             clip=cfg["clip"],
-            ste=cfg["ste"],
+            sign_grad=cfg["sign_grad"],
             device=device,
             dtype=dtype,
         )

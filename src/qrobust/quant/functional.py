@@ -3,9 +3,10 @@
 Naming follows Brevitas: ``*_ste`` helpers are *always* straight-through. Every other function rounds with
 :func:`qrobust.quant.modes.round_q` / :func:`~qrobust.quant.modes.sign_q` (or the fused
 :func:`~qrobust.quant.modes.fake_quant_q`), so its backward follows the gradient mode an attack chooses
-("ste" straight-through, or "native": the literal zero gradient of rounding).
+("estimator": straight-through, or "native": the literal zero gradient of rounding).
 
-Straight-through variants (``ste=``) for the functions that take one:
+Straight-through variants for the functions that take one (``ste=`` of :func:`uniform_quantize`,
+``sign_grad=`` of the 1-bit :func:`binary_weight_quantize` and :func:`sign_activation`, the spec's field):
 
 * ``"identity"`` — the rounding/sign passes the incoming gradient unchanged everywhere;
 * ``"clipped"`` — same, but zero where the input lies beyond the clipping range ([qmin, qmax] on the
@@ -54,10 +55,10 @@ def _check_bits(bits: int, *, low: int = 1) -> int:
     return bits
 
 
-def _check_ste(ste: str) -> str:
-    if ste not in ("identity", "clipped"):
-        raise ConfigError(f"ste must be 'identity' or 'clipped', got {ste!r}")
-    return ste
+def _check_variant(value: str, name: str) -> str:
+    if value not in ("identity", "clipped"):
+        raise ConfigError(f"{name} must be 'identity' or 'clipped', got {value!r}")
+    return value
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,7 @@ def uniform_quantize(
     >>> uniform_quantize(torch.tensor([0.3, 0.7, 9.0]), 0.5, qmin=0, qmax=3)
     tensor([0.5000, 0.5000, 1.5000])
     """
-    _check_ste(ste)
+    _check_variant(ste, "ste")
     if isinstance(scale, torch.Tensor):
         inv = scale.reciprocal()
     else:
@@ -170,7 +171,7 @@ def dorefa_weight_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
     return round_q(t * n) * (2.0 / n) - 1.0
 
 
-def binary_weight_quantize(w: torch.Tensor, *, ste: str = "identity") -> torch.Tensor:
+def binary_weight_quantize(w: torch.Tensor, *, sign_grad: str = "identity") -> torch.Tensor:
     """XNOR-Net binary weights: ``α_c · sign(w)`` with α_c the mean |w| of output channel c (sign(0) = +1).
 
     α is detached; the gradient is ``α_c`` (``"identity"``) or ``α_c · 1{|w| ≤ 1}`` (``"clipped"``).
@@ -179,13 +180,13 @@ def binary_weight_quantize(w: torch.Tensor, *, ste: str = "identity") -> torch.T
     tensor([[ 1., -1.],
             [ 1.,  1.]])
     """
-    _check_ste(ste)
+    _check_variant(sign_grad, "sign_grad")
     with torch.no_grad():
         if w.dim() > 1:
             alpha = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
         else:
             alpha = w.abs().mean()
-    s = sign_q(torch.clamp(w, -1.0, 1.0) if ste == "clipped" else w)
+    s = sign_q(torch.clamp(w, -1.0, 1.0) if sign_grad == "clipped" else w)
     return alpha * s
 
 
@@ -210,7 +211,7 @@ def clip_act_quantize(x: torch.Tensor, alpha: float, bits: int) -> torch.Tensor:
     """Clipped uniform activation: ``clamp(x, 0, α)`` on 2^b levels ``k · α/(2^b − 1)``, k = 0 … 2^b − 1.
 
     Equals ``torch.fake_quantize_per_tensor_affine(x, α/(2^b−1), 0, 0, 2^b−1)`` bit for bit. Gradient under
-    "ste": 1 for 0 < x < α, else 0 — exactly ReLU6's gradient when α = 6. At 1 bit the levels are {0, α}.
+    "estimator": 1 for 0 < x < α, else 0 — exactly ReLU6's gradient when α = 6. At 1 bit the levels are {0, α}.
 
     >>> clip_act_quantize(torch.tensor([-1.0, 0.4, 1.2, 7.0]), 6.0, 2)
     tensor([0., 0., 2., 6.])
@@ -234,11 +235,11 @@ def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tens
     return round_q(y * scale.reciprocal()) * scale
 
 
-def sign_activation(x: torch.Tensor, *, ste: str = "identity") -> torch.Tensor:
+def sign_activation(x: torch.Tensor, *, sign_grad: str = "identity") -> torch.Tensor:
     """Binary activation ``sign(x)`` ∈ {−1, +1} (sign(0) = +1); ``"clipped"`` is BinaryNet's hardtanh STE.
 
     >>> sign_activation(torch.tensor([-0.5, 0.0, 3.0]))
     tensor([-1.,  1.,  1.])
     """
-    _check_ste(ste)
-    return sign_q(torch.clamp(x, -1.0, 1.0) if ste == "clipped" else x)
+    _check_variant(sign_grad, "sign_grad")
+    return sign_q(torch.clamp(x, -1.0, 1.0) if sign_grad == "clipped" else x)

@@ -19,8 +19,9 @@ from torch import nn
 
 from qrobust.errors import ConfigError
 from qrobust.quant.modes import get_gradient_mode
-from qrobust.quant.quantizers import Quantizer, make_act_quantizer, make_weight_quantizer
-from qrobust.quant.spec import ACT_SCHEMES, FLOAT_BITS, STE_VARIANTS, WEIGHT_SCHEMES, check_choice
+from qrobust.quant.quantizers import Quantizer, _act_quantizer, _weight_quantizer
+from qrobust.quant.spec import FLOAT_BITS, check_act_config, check_weight_config
+from qrobust.validation import check_choice
 
 __all__ = ["ACT_KINDS", "QuantAct", "QuantConv2d", "QuantLinear"]
 
@@ -34,11 +35,10 @@ class _QuantWeightMixin:
     weight: nn.Parameter
     weight_quant: Quantizer | None
 
-    def _configure(self, weight_bits: int, weight_scheme: str, ste: str) -> None:
-        self.weight_scheme = check_choice(weight_scheme, WEIGHT_SCHEMES, name="weight_scheme")
-        self.ste = check_choice(ste, STE_VARIANTS, name="ste")
-        quantizer = make_weight_quantizer(self.weight_scheme, weight_bits, ste=self.ste, weight=self.weight)
-        self.weight_bits = int(weight_bits)
+    def _configure(self, weight_bits: int, weight_scheme: str, sign_grad: str) -> None:
+        bits, self.weight_scheme, self.sign_grad = check_weight_config(weight_bits, weight_scheme, sign_grad)
+        quantizer = _weight_quantizer(self.weight_scheme, bits, sign_grad=self.sign_grad, weight=self.weight)
+        self.weight_bits = bits
         self.register_module("weight_quant", quantizer)  # type: ignore[attr-defined]
         self.quant_enabled = True
 
@@ -86,30 +86,30 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         *,
         weight_bits: int = 4,
         weight_scheme: str = "dorefa",
-        ste: str = "identity",
+        sign_grad: str = "identity",
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device=device, dtype=dtype,
         )  # fmt: skip
-        self._configure(weight_bits, weight_scheme, ste)
+        self._configure(weight_bits, weight_scheme, sign_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(
-        cls, conv: nn.Conv2d, *, weight_bits: int, weight_scheme: str = "dorefa", ste: str = "identity"
+        cls, conv: nn.Conv2d, *, weight_bits: int, weight_scheme: str = "dorefa", sign_grad: str = "identity"
     ) -> QuantConv2d:
         """A QuantConv2d with the same configuration that *shares* ``conv``'s weight and bias parameters."""
         q = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype,
-            weight_bits=FLOAT_BITS, weight_scheme=weight_scheme, ste=ste,
+            weight_bits=FLOAT_BITS, weight_scheme=weight_scheme, sign_grad=sign_grad,
         )  # fmt: skip
         q.weight = conv.weight
         q.bias = conv.bias
-        q._configure(weight_bits, weight_scheme, ste)
+        q._configure(weight_bits, weight_scheme, sign_grad)
         q.train(conv.training)
         return q
 
@@ -137,26 +137,26 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         *,
         weight_bits: int = 4,
         weight_scheme: str = "dorefa",
-        ste: str = "identity",
+        sign_grad: str = "identity",
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._configure(weight_bits, weight_scheme, ste)
+        self._configure(weight_bits, weight_scheme, sign_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, *, weight_bits: int, weight_scheme: str = "dorefa", ste: str = "identity"
+        cls, linear: nn.Linear, *, weight_bits: int, weight_scheme: str = "dorefa", sign_grad: str = "identity"
     ) -> QuantLinear:
         """A QuantLinear that *shares* ``linear``'s weight and bias parameters."""
         q = cls(
             linear.in_features, linear.out_features, linear.bias is not None, device="meta",
-            dtype=linear.weight.dtype, weight_bits=FLOAT_BITS, weight_scheme=weight_scheme, ste=ste,
+            dtype=linear.weight.dtype, weight_bits=FLOAT_BITS, weight_scheme=weight_scheme, sign_grad=sign_grad,
         )  # fmt: skip
         q.weight = linear.weight
         q.bias = linear.bias
-        q._configure(weight_bits, weight_scheme, ste)
+        q._configure(weight_bits, weight_scheme, sign_grad)
         q.train(linear.training)
         return q
 
@@ -185,21 +185,19 @@ class QuantAct(nn.Module):
         *,
         scheme: str = "clip",
         clip: float = 6.0,
-        ste: str = "identity",
+        sign_grad: str = "identity",
         kind: str = "relu",
         inplace: bool = False,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self.kind = check_choice(kind, ACT_KINDS, name="QuantAct kind")
-        self.scheme = check_choice(scheme, ACT_SCHEMES, name="act_scheme")
-        self.ste = check_choice(ste, STE_VARIANTS, name="ste")
-        clip = float(clip)
+        self.kind = check_choice("QuantAct kind", kind, ACT_KINDS, casefold=True)
+        bits, self.scheme, clip, self.sign_grad = check_act_config(bits, scheme, clip, sign_grad)
         if self.kind == "relu6":
             clip = min(clip, _RELU6_MAX)
-        quantizer = make_act_quantizer(self.scheme, bits, clip=clip, ste=self.ste, device=device, dtype=dtype)
-        self.bits = int(bits)
+        quantizer = _act_quantizer(self.scheme, bits, clip=clip, sign_grad=self.sign_grad, device=device, dtype=dtype)
+        self.bits = bits
         self.clip = clip
         self.inplace = bool(inplace)
         self.register_module("act_quant", quantizer)
@@ -213,7 +211,7 @@ class QuantAct(nn.Module):
         bits: int,
         scheme: str = "clip",
         clip: float = 6.0,
-        ste: str = "identity",
+        sign_grad: str = "identity",
         device: Any = None,
         dtype: Any = None,
     ) -> QuantAct:
@@ -228,7 +226,7 @@ class QuantAct(nn.Module):
             bits,
             scheme=scheme,
             clip=clip,
-            ste=ste,
+            sign_grad=sign_grad,
             kind=kind,
             inplace=act.inplace,
             device=device,

@@ -1,12 +1,16 @@
 """How gradients flow through quantizers, switchable at run time.
 
-Training always uses straight-through estimators. Attacks choose:
+Three quantizer gradient modes (:data:`GRADIENT_MODES`):
 
-* ``"ste"`` — straight-through (BPDA) through every rounding/sign: the honest default for attacking a
-  quantized model;
+* ``"estimator"`` (the default) — the training estimators: straight-through rounding/sign, zero gradient
+  outside an activation's clip range;
 * ``"native"`` — the literal autograd of the fake-quantized graph (``round``/``sign`` have zero gradient
   almost everywhere), which is what a naive attacker gets and what masks gradients;
-* a float *surrogate* — :func:`quantization_disabled` makes every quantizer of a model the identity.
+* ``"bpda"`` — every quantizer is the identity on the backward pass.
+
+An attack's ``gradients=`` choice is a different, user-facing name: its ``"ste"`` runs the quantizers in
+``"bpda"`` mode and its ``"native"`` in ``"native"`` (:func:`attack_mode`); its ``"surrogate"`` is the float
+model, :func:`quantization_disabled` making every quantizer of a model the identity.
 
 >>> import torch
 >>> from qrobust.quant.modes import gradient_mode, get_gradient_mode
@@ -14,7 +18,7 @@ Training always uses straight-through estimators. Attacks choose:
 ...     get_gradient_mode()
 'native'
 >>> get_gradient_mode()
-'ste'
+'estimator'
 """
 
 from __future__ import annotations
@@ -28,25 +32,27 @@ from torch import nn
 
 from qrobust.errors import ConfigError
 
-GRADIENT_MODES = ("ste", "native", "bpda")
+GRADIENT_MODES = ("estimator", "native", "bpda")
 
 _state = threading.local()
 
 
 def get_gradient_mode() -> str:
-    return getattr(_state, "mode", "ste")
+    return getattr(_state, "mode", "estimator")
 
 
 @contextmanager
 def gradient_mode(mode: str) -> Iterator[None]:
     """Within the block, quantizers back-propagate as ``mode`` says.
 
-    ``"ste"``: the training estimators (identity through rounding, zero outside an activation's clip range);
+    ``"estimator"``: the training estimators (identity through rounding, zero outside an activation's clip
+    range);
     ``"native"``: literal autograd; ``"bpda"``: every quantizer is the identity on the backward pass, so a
     quantized activation back-propagates exactly like the float activation it replaced (see :func:`attack_mode`).
     """
     if mode not in GRADIENT_MODES:
-        raise ConfigError(f"gradient mode must be one of {GRADIENT_MODES}, got {mode!r}")
+        hint = " ('ste' is an attack's gradients= choice; attack_mode('ste') is 'bpda')" if mode == "ste" else ""
+        raise ConfigError(f"gradient mode must be one of {GRADIENT_MODES}, got {mode!r}{hint}")
     old = get_gradient_mode()
     _state.mode = mode
     try:
@@ -67,7 +73,7 @@ def attack_mode(gradients: str) -> str:
 
 
 def round_q(x: torch.Tensor) -> torch.Tensor:
-    """``round`` whose backward follows the current gradient mode (identity under "ste")."""
+    """``round`` whose backward follows the current gradient mode (identity unless "native")."""
     if get_gradient_mode() == "native":
         return torch.round(x)
     return x + (torch.round(x) - x).detach()
@@ -105,7 +111,7 @@ def fake_quant_q(x: torch.Tensor, scale: float, qmin: int, qmax: int) -> torch.T
 
     The value equals ``torch.fake_quantize_per_tensor_affine(x, scale, 0, qmin, qmax)`` bit for bit (it
     multiplies by the float32 reciprocal of ``scale`` and rounds half to even, as that op does). Backward:
-    under "ste" the gradient is 1 where ``qmin * scale < x < qmax * scale`` and 0 elsewhere (the gradient of
+    under "estimator" the gradient is 1 where ``qmin * scale < x < qmax * scale`` and 0 elsewhere (the gradient of
     ``hardtanh``, i.e. of ReLU6 when the range is [0, 6]); under "native" it is the literal zero of ``round``.
     It is ``clamp`` + :func:`round_q` fused into one autograd node (four in-place passes forward, one pass
     backward), so quantizing every activation of a ResNet-20 adds only a few percent to a training step.

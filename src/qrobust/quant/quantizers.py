@@ -29,17 +29,8 @@ from torch import nn
 
 from qrobust.errors import ConfigError
 from qrobust.quant import functional as QF
-from qrobust.quant.spec import (
-    ACT_SCHEMES,
-    FLOAT_BITS,
-    STE_VARIANTS,
-    WEIGHT_SCHEMES,
-    check_act_combo,
-    check_bits,
-    check_choice,
-    check_clip,
-    check_weight_combo,
-)
+from qrobust.quant.spec import FLOAT_BITS, SIGN_GRADS, check_act_config, check_bits, check_clip, check_weight_config
+from qrobust.validation import check_choice
 
 __all__ = [
     "BinaryWeightQuantizer",
@@ -192,18 +183,18 @@ class BinaryWeightQuantizer(Quantizer):
 
     scheme = "binary"
 
-    def __init__(self, *, ste: str = "identity") -> None:
+    def __init__(self, *, sign_grad: str = "identity") -> None:
         super().__init__(1)
-        self.ste = check_choice(ste, STE_VARIANTS, name="ste")
+        self.sign_grad = check_choice("sign_grad", sign_grad, SIGN_GRADS, casefold=True)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return QF.binary_weight_quantize(x, ste=self.ste)
+        return QF.binary_weight_quantize(x, sign_grad=self.sign_grad)
 
     def num_scales(self, weight: torch.Tensor | None = None) -> int:
         return int(weight.shape[0]) if weight is not None and weight.dim() > 1 else 1
 
     def extra_repr(self) -> str:
-        return f"bits=1, ste={self.ste}"
+        return f"bits=1, sign_grad={self.sign_grad}"
 
 
 class ClipActQuantizer(Quantizer):
@@ -252,7 +243,7 @@ class PACTActQuantizer(Quantizer):
 
 
 class SignActQuantizer(Quantizer):
-    """Binary activations ``sign(x)`` ∈ {−1, +1} (1 bit); ``ste="clipped"`` is the hardtanh STE.
+    """Binary activations ``sign(x)`` ∈ {−1, +1} (1 bit); ``sign_grad="clipped"`` is the hardtanh STE.
 
     >>> SignActQuantizer()(torch.tensor([-0.5, 0.0, 3.0]))
     tensor([-1.,  1.,  1.])
@@ -260,38 +251,44 @@ class SignActQuantizer(Quantizer):
 
     scheme = "sign"
 
-    def __init__(self, *, ste: str = "identity") -> None:
+    def __init__(self, *, sign_grad: str = "identity") -> None:
         super().__init__(1)
-        self.ste = check_choice(ste, STE_VARIANTS, name="ste")
+        self.sign_grad = check_choice("sign_grad", sign_grad, SIGN_GRADS, casefold=True)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return QF.sign_activation(x, ste=self.ste)
+        return QF.sign_activation(x, sign_grad=self.sign_grad)
 
     def num_scales(self, weight: torch.Tensor | None = None) -> int:
         return 0
 
     def extra_repr(self) -> str:
-        return f"bits=1, ste={self.ste}"
+        return f"bits=1, sign_grad={self.sign_grad}"
 
 
 def make_weight_quantizer(
-    scheme: str, bits: int, *, ste: str = "identity", weight: torch.Tensor | None = None
+    scheme: str, bits: int, *, sign_grad: str = "identity", weight: torch.Tensor | None = None
 ) -> Quantizer | None:
     """The weight quantizer for ``scheme`` at ``bits``: None at 32 bits (float), binary at 1 bit.
 
+    Checks its arguments with :func:`~qrobust.quant.spec.check_weight_config`, the spec's own check.
+
     >>> make_weight_quantizer("uniform", 1)
-    BinaryWeightQuantizer(bits=1, ste=identity)
+    BinaryWeightQuantizer(bits=1, sign_grad=identity)
     >>> make_weight_quantizer("lsq", 32) is None
     True
     """
-    scheme = check_choice(scheme, WEIGHT_SCHEMES, name="weight_scheme")
-    bits = check_bits(bits, name="weight_bits")
-    ste = check_choice(ste, STE_VARIANTS, name="ste")
-    check_weight_combo(bits, scheme)
+    bits, scheme, sign_grad = check_weight_config(bits, scheme, sign_grad)
+    return _weight_quantizer(scheme, bits, sign_grad=sign_grad, weight=weight)
+
+
+def _weight_quantizer(
+    scheme: str, bits: int, *, sign_grad: str, weight: torch.Tensor | None = None
+) -> Quantizer | None:
+    """:func:`make_weight_quantizer` for values already checked (the layers call this)."""
     if bits == FLOAT_BITS:
         return None
     if bits == 1:
-        return BinaryWeightQuantizer(ste=ste)
+        return BinaryWeightQuantizer(sign_grad=sign_grad)
     if scheme == "dorefa":
         return DoReFaWeightQuantizer(bits)
     if scheme in ("uniform", "uniform_per_channel"):
@@ -304,23 +301,35 @@ def make_act_quantizer(
     bits: int,
     *,
     clip: float = 6.0,
-    ste: str = "identity",
+    sign_grad: str = "identity",
     device: torch.device | str | None = None,
     dtype: Any = None,
 ) -> Quantizer | None:
     """The activation quantizer for ``scheme`` at ``bits`` (None at 32 bits).
 
+    Checks its arguments with :func:`~qrobust.quant.spec.check_act_config`, the spec's own check.
+
     >>> make_act_quantizer("clip", 4, clip=2.0)
     ClipActQuantizer(bits=4, alpha=2)
     """
-    scheme = check_choice(scheme, ACT_SCHEMES, name="act_scheme")
-    bits = check_bits(bits, name="act_bits")
-    ste = check_choice(ste, STE_VARIANTS, name="ste")
-    check_act_combo(bits, scheme)
+    bits, scheme, clip, sign_grad = check_act_config(bits, scheme, clip, sign_grad)
+    return _act_quantizer(scheme, bits, clip=clip, sign_grad=sign_grad, device=device, dtype=dtype)
+
+
+def _act_quantizer(
+    scheme: str,
+    bits: int,
+    *,
+    clip: float,
+    sign_grad: str,
+    device: torch.device | str | None = None,
+    dtype: Any = None,
+) -> Quantizer | None:
+    """:func:`make_act_quantizer` for values already checked (the layers call this)."""
     if bits == FLOAT_BITS:
         return None
     if scheme == "sign":
-        return SignActQuantizer(ste=ste)
+        return SignActQuantizer(sign_grad=sign_grad)
     if scheme == "pact":
         return PACTActQuantizer(bits, alpha=clip, device=device, dtype=dtype)
     return ClipActQuantizer(bits, alpha=clip)

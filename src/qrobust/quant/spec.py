@@ -19,8 +19,8 @@ the first Conv2d-or-Linear, and of the last Linear — the classifier — or of 
 has no Linear, in module registration order, which is forward order for qrobust models; for a model with
 a single such layer the last-layer value wins), then ``overrides``. An override key names a module
 (``"layer3.0.conv1"``) or a prefix of module names (``"layer3"`` covers everything under it); more
-specific (longer) keys win. Weight settings (``weight_bits``, ``weight_scheme``, ``ste``) act on
-Conv2d/Linear layers, activation settings (``act_bits``, ``act_scheme``, ``act_clip``, ``ste``) on the
+specific (longer) keys win. Weight settings (``weight_bits``, ``weight_scheme``, ``sign_grad``) act on
+Conv2d/Linear layers, activation settings (``act_bits``, ``act_scheme``, ``act_clip``, ``sign_grad``) on the
 ReLU/ReLU6 modules that become ``QuantAct``.
 
 Rules worth knowing:
@@ -29,13 +29,19 @@ Rules worth knowing:
 * at 1 bit every weight scheme is binary: ``sign(w)`` times the per-output-channel mean ``|w|`` (XNOR-Net);
   ``weight_scheme="binary"`` therefore only accepts 1 (or 32) bits;
 * ``act_scheme="sign"`` (binary activations in {-1, +1}) only accepts 1 (or 32) bits;
-* ``ste`` picks the straight-through estimator of the 1-bit schemes: ``"identity"`` (gradient passes
-  unchanged) or ``"clipped"`` (zero where |x| > 1: BinaryNet's hardtanh STE). Multi-bit schemes have
+* ``sign_grad`` picks the straight-through estimator of the 1-bit schemes' sign: ``"identity"`` (gradient
+  passes unchanged) or ``"clipped"`` (zero where |x| > 1: BinaryNet's hardtanh STE). Multi-bit schemes have
   nothing to clip: uniform/DoReFa weight ranges cover every weight by construction, LSQ uses its paper's
   gradient, and for activations the clip to [0, α] *is* the activation (gradient 1 only for 0 < x < α, as
   ReLU6);
 * ``act_clip`` is the clipping level α of the "clip" scheme and the initial α of "pact". On a ReLU6 model
   α is ``min(act_clip, 6)``, so the default 6.0 reproduces ReLU6's range exactly.
+
+``sign_grad`` was called ``ste`` before; the old spelling still reads wherever a spec was persisted (spec
+strings ``"…,ste=clipped"``, ``to_dict()`` dicts and overrides with key ``"ste"``, ``QuantSpec(ste=…)``).
+
+Validation happens here, once: :func:`check_weight_config` and :func:`check_act_config` are what the spec
+and the public layer constructors (:mod:`qrobust.quant.layers`) call; the quantizer factories trust them.
 
 >>> spec = QuantSpec.parse("w4a4,first_layer_bits=8")
 >>> spec.weight_bits, spec.act_bits, spec.first_layer_bits
@@ -56,20 +62,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qrobust.errors import ConfigError
+from qrobust.validation import check_choice
 
 FLOAT_BITS = 32
 VALID_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, FLOAT_BITS)
 WEIGHT_SCHEMES: tuple[str, ...] = ("dorefa", "uniform", "uniform_per_channel", "lsq", "binary")
 ACT_SCHEMES: tuple[str, ...] = ("clip", "pact", "sign")
-STE_VARIANTS: tuple[str, ...] = ("identity", "clipped")
+SIGN_GRADS: tuple[str, ...] = ("identity", "clipped")
 OVERRIDE_FIELDS: tuple[str, ...] = (
     "weight_bits",
     "act_bits",
     "weight_scheme",
     "act_scheme",
     "act_clip",
-    "ste",
+    "sign_grad",
 )
+LEGACY_NAMES: dict[str, str] = {"ste": "sign_grad"}  # persisted spellings (spec strings, checkpoint dicts)
 ONE_BIT_ONLY_WEIGHT = ("binary",)
 ONE_BIT_ONLY_ACT = ("sign",)
 
@@ -83,14 +91,6 @@ def check_bits(value: Any, *, name: str = "bits") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value not in VALID_BITS:
         raise ConfigError(f"{name} must be one of 1–8 or 32 (float), got {value!r}")
     return int(value)
-
-
-def check_choice(value: Any, choices: Iterable[str], *, name: str) -> str:
-    """``value`` if it is one of ``choices`` (case-insensitive), else ConfigError listing them."""
-    choices = tuple(choices)
-    if isinstance(value, str) and value.strip().lower() in choices:
-        return value.strip().lower()
-    raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def check_clip(value: Any, *, name: str = "act_clip") -> float:
@@ -120,6 +120,35 @@ def check_act_combo(bits: int, scheme: str, *, where: str = "") -> None:
             f"act_scheme={scheme!r} is 1-bit only but {where or 'the spec'} asks for {bits}-bit activations; "
             "use 'clip' or 'pact' for multi-bit activations, or set those bits to 1 or 32"
         )
+
+
+def check_weight_config(
+    bits: Any, scheme: Any, sign_grad: Any, *, where: str = ""
+) -> tuple[int, str, str]:
+    """``(bits, scheme, sign_grad)`` of one weight quantizer, checked and canonical, else ConfigError.
+
+    The one check of a weight setting: the spec and the public layer constructors call it, the quantizer
+    factories trust what it returns.
+    """
+    of = f" of {where}" if where else ""
+    bits = check_bits(bits, name=f"weight_bits{of}")
+    scheme = check_choice(f"weight_scheme{of}", scheme, WEIGHT_SCHEMES, casefold=True)
+    sign_grad = check_choice(f"sign_grad{of}", sign_grad, SIGN_GRADS, casefold=True)
+    check_weight_combo(bits, scheme, where=where)
+    return bits, scheme, sign_grad
+
+
+def check_act_config(
+    bits: Any, scheme: Any, clip: Any, sign_grad: Any, *, where: str = ""
+) -> tuple[int, str, float, str]:
+    """``(bits, scheme, clip, sign_grad)`` of one activation quantizer, checked and canonical (see above)."""
+    of = f" of {where}" if where else ""
+    bits = check_bits(bits, name=f"act_bits{of}")
+    scheme = check_choice(f"act_scheme{of}", scheme, ACT_SCHEMES, casefold=True)
+    clip = check_clip(clip, name=f"act_clip{of}")
+    sign_grad = check_choice(f"sign_grad{of}", sign_grad, SIGN_GRADS, casefold=True)
+    check_act_combo(bits, scheme, where=where)
+    return bits, scheme, clip, sign_grad
 
 
 def _parse_bits_token(token: str, *, what: str) -> dict[str, int]:
@@ -152,22 +181,23 @@ def _normalize_override(name: Any, value: Any) -> dict[str, Any]:
         )
     out: dict[str, Any] = {}
     for key, v in value.items():
-        if key not in OVERRIDE_FIELDS:
+        if LEGACY_NAMES.get(key, key) not in OVERRIDE_FIELDS:
             raise ConfigError(
                 f"override for {name!r} has unknown setting {key!r}; "
                 f"valid settings: {', '.join(OVERRIDE_FIELDS)}"
             )
+        key = LEGACY_NAMES.get(key, key)
         where = f"override {name!r}"
         if key in ("weight_bits", "act_bits"):
             out[key] = check_bits(v, name=f"{key} of {where}")
         elif key == "weight_scheme":
-            out[key] = check_choice(v, WEIGHT_SCHEMES, name=f"weight_scheme of {where}")
+            out[key] = check_choice(f"weight_scheme of {where}", v, WEIGHT_SCHEMES, casefold=True)
         elif key == "act_scheme":
-            out[key] = check_choice(v, ACT_SCHEMES, name=f"act_scheme of {where}")
+            out[key] = check_choice(f"act_scheme of {where}", v, ACT_SCHEMES, casefold=True)
         elif key == "act_clip":
             out[key] = check_clip(v, name=f"act_clip of {where}")
         else:
-            out[key] = check_choice(v, STE_VARIANTS, name=f"ste of {where}")
+            out[key] = check_choice(f"sign_grad of {where}", v, SIGN_GRADS, casefold=True)
     if not out:
         raise ConfigError(
             f"override for {name!r} is empty; give at least one of {', '.join(OVERRIDE_FIELDS)}"
@@ -204,26 +234,31 @@ class QuantSpec:
     weight_scheme: str = "uniform_per_channel"
     act_scheme: str = "clip"
     act_clip: float = 6.0
-    ste: str = "identity"
+    sign_grad: str = "identity"
     first_layer_bits: int | None = None
     last_layer_bits: int | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    ste: dataclasses.InitVar[str | None] = None  # the old name of sign_grad, still accepted
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, ste: str | None) -> None:
         set_ = object.__setattr__
-        set_(self, "weight_bits", check_bits(self.weight_bits, name="weight_bits"))
-        set_(self, "act_bits", check_bits(self.act_bits, name="act_bits"))
-        set_(self, "weight_scheme", check_choice(self.weight_scheme, WEIGHT_SCHEMES, name="weight_scheme"))
-        set_(self, "act_scheme", check_choice(self.act_scheme, ACT_SCHEMES, name="act_scheme"))
-        set_(self, "act_clip", check_clip(self.act_clip))
-        set_(self, "ste", check_choice(self.ste, STE_VARIANTS, name="ste"))
+        if ste is not None:
+            if self.sign_grad != "identity" and self.sign_grad != ste:
+                raise ConfigError(
+                    f"ste={ste!r} is the old name of sign_grad, which is {self.sign_grad!r}; give only sign_grad"
+                )
+            set_(self, "sign_grad", ste)
+        weight = check_weight_config(self.weight_bits, self.weight_scheme, self.sign_grad)
+        act = check_act_config(self.act_bits, self.act_scheme, self.act_clip, self.sign_grad)
+        for key, value in zip(("weight_bits", "weight_scheme", "sign_grad"), weight):
+            set_(self, key, value)
+        for key, value in zip(("act_bits", "act_scheme", "act_clip"), act):
+            set_(self, key, value)
         for key in ("first_layer_bits", "last_layer_bits"):
             value = getattr(self, key)
             if value is not None:
                 set_(self, key, check_bits(value, name=key))
         set_(self, "overrides", self._normalize_overrides(self.overrides))
-        check_weight_combo(self.weight_bits, self.weight_scheme, where="weight_bits")
-        check_act_combo(self.act_bits, self.act_scheme, where="act_bits")
         for key in ("first_layer_bits", "last_layer_bits"):
             if getattr(self, key) is not None:
                 check_weight_combo(getattr(self, key), self.weight_scheme, where=key)
@@ -275,7 +310,7 @@ class QuantSpec:
             if not token:
                 continue
             key, eq, value = token.partition("=")
-            key, value = key.strip(), value.strip()
+            key, value = LEGACY_NAMES.get(key.strip(), key.strip()), value.strip()
             if not eq or not key or not value:
                 raise ConfigError(
                     f"cannot parse {token!r} in spec {text!r}: expected 'key=value' with key one of "
@@ -292,7 +327,7 @@ class QuantSpec:
                 overrides[key] = value
         if overrides:
             values["overrides"] = overrides
-        values.update(kwargs)
+        values.update({LEGACY_NAMES.get(k, k): v for k, v in kwargs.items()})
         return cls(**values)
 
     @classmethod
@@ -317,12 +352,12 @@ class QuantSpec:
         if not isinstance(d, Mapping):
             raise ConfigError(f"QuantSpec.from_dict needs a dict, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names) - {"name"})
+        unknown = sorted(set(d) - set(names) - set(LEGACY_NAMES) - {"name"})
         if unknown:
             raise ConfigError(f"unknown QuantSpec field(s) {unknown}; valid fields: {', '.join(names)}")
         if set(d) == {"name"}:
             return cls.parse(d["name"])
-        return cls(**{k: v for k, v in d.items() if k != "name"})
+        return cls(**{LEGACY_NAMES.get(k, k): v for k, v in d.items() if k != "name"})
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict that :meth:`from_dict` turns back into an equal spec.
@@ -373,8 +408,8 @@ class QuantSpec:
         return [ov for _, ov in sorted(hits, key=lambda t: t[0])]
 
     def weight_config(self, name: str = "", *, first: bool = False, last: bool = False) -> dict[str, Any]:
-        """``{"bits", "scheme", "ste"}`` for the Conv2d/Linear called ``name``."""
-        cfg: dict[str, Any] = {"bits": self.weight_bits, "scheme": self.weight_scheme, "ste": self.ste}
+        """``{"bits", "scheme", "sign_grad"}`` for the Conv2d/Linear called ``name``."""
+        cfg: dict[str, Any] = {"bits": self.weight_bits, "scheme": self.weight_scheme, "sign_grad": self.sign_grad}
         if first and self.first_layer_bits is not None:
             cfg["bits"] = self.first_layer_bits
         if last and self.last_layer_bits is not None:
@@ -382,22 +417,22 @@ class QuantSpec:
         for ov in self.overrides_for(name):
             cfg["bits"] = ov.get("weight_bits", cfg["bits"])
             cfg["scheme"] = ov.get("weight_scheme", cfg["scheme"])
-            cfg["ste"] = ov.get("ste", cfg["ste"])
+            cfg["sign_grad"] = ov.get("sign_grad", cfg["sign_grad"])
         check_weight_combo(cfg["bits"], cfg["scheme"], where=f"layer {name!r}")
         return cfg
 
     def act_config(self, name: str = "") -> dict[str, Any]:
-        """``{"bits", "scheme", "clip", "ste"}`` for the activation module called ``name``."""
+        """``{"bits", "scheme", "clip", "sign_grad"}`` for the activation module called ``name``."""
         cfg: dict[str, Any] = {
             "bits": self.act_bits,
             "scheme": self.act_scheme,
             "clip": self.act_clip,
-            "ste": self.ste,
+            "sign_grad": self.sign_grad,
         }
         for ov in self.overrides_for(name):
             cfg["bits"] = ov.get("act_bits", cfg["bits"])
             cfg["scheme"] = ov.get("act_scheme", cfg["scheme"])
             cfg["clip"] = ov.get("act_clip", cfg["clip"])
-            cfg["ste"] = ov.get("ste", cfg["ste"])
+            cfg["sign_grad"] = ov.get("sign_grad", cfg["sign_grad"])
         check_act_combo(cfg["bits"], cfg["scheme"], where=f"activation {name!r}")
         return cfg
