@@ -216,7 +216,8 @@ def test_dq_objective_lowers_orthogonality_error_in_training():
 
 # ------------------------------------------------------------------------------------------ study
 def test_verdict_and_mcnemar():
-    from qrobust.studies.dq import _mcnemar_z, _verdict
+    from qrobust.studies.harness import paired_test, significant
+    from qrobust.studies.harness import verdict as _verdict
 
     assert _verdict([(True, True), (True, False)]) == "reproduced"
     assert _verdict([(True, False), (True, False)]).startswith("partly")
@@ -225,8 +226,12 @@ def test_verdict_and_mcnemar():
     assert _verdict([]) == "not measured"
     a = torch.tensor([True] * 9 + [False])
     b = torch.tensor([False] * 9 + [True])
-    assert _mcnemar_z(a, b) == pytest.approx(8 / math.sqrt(10))
-    assert _mcnemar_z(a, a) == 0.0
+    t = paired_test(a, b)
+    assert t["z"] == pytest.approx(8 / math.sqrt(10))
+    assert (t["only_a"], t["only_b"]) == (9, 1)
+    assert t["p"] == pytest.approx(2 * 11 / 2**10)  # exact two-sided binomial: 2·P(X ≤ 1), X ~ B(10, ½)
+    assert significant(t) and not significant(paired_test(b, a))
+    assert paired_test(a, a) == {"only_a": 0, "only_b": 0, "z": 0.0, "p": 1.0}
 
 
 def test_quick_study_writes_report(tmp_path):

@@ -7,7 +7,8 @@ the content of ``report.json``), so a saved report can be re-rendered without re
     save_report(data, "runs/eval")
 
 Plots use matplotlib's object-oriented API on the Agg canvas (no pyplot, no global backend change), so they
-work on machines without a display.
+work on machines without a display; :func:`new_figure` and :func:`save_figure` are that recipe for other
+rooms' figures (the studies use them).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ EXAMPLES_NAME = "adversarial_examples"
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write ``fig`` (from :func:`new_figure`) as a PNG at ``path`` atomically; returns the path."""
+    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def _as_dict(report: Any) -> dict[str, Any]:
@@ -185,7 +187,8 @@ def _title(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _figure(figsize: tuple[float, float]) -> Any:
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib Figure on its own Agg canvas: no pyplot, no global backend change, nothing to close."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -204,7 +207,7 @@ def plot_accuracy(report: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     title = f"{d.get('model')} ({d.get('bits_str', 'float')}) on {d.get('dataset')}, {norm}"
     if len(results) <= 1:
-        fig = _figure((6.4, 0.45 * (len(results[0]["attacks"]) if results else 1) + 2.0))
+        fig = new_figure((6.4, 0.45 * (len(results[0]["attacks"]) if results else 1) + 2.0))
         ax = fig.add_subplot(1, 1, 1)
         names, vals, colors = ["clean"], [clean], ["0.6"]
         if results:
@@ -227,7 +230,7 @@ def plot_accuracy(report: Any, path: str | os.PathLike) -> Path:
         eps_txt = _eps(results[0]["eps"], norm) if results else "?"
         ax.set_title(f"{title}, ε = {eps_txt}", fontsize=9)
     else:
-        fig = _figure((6.4, 4.2))
+        fig = new_figure((6.4, 4.2))
         ax = fig.add_subplot(1, 1, 1)
         xs = [r["eps"] * (255 if norm == "Linf" else 1) for r in results]
         labels = list(dict.fromkeys(a["label"] for r in results for a in r["attacks"]))
@@ -253,7 +256,7 @@ def plot_accuracy(report: Any, path: str | os.PathLike) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------- adversarial images
@@ -329,7 +332,7 @@ def save_adversarial_examples(
     k = int(order.numel())
     amax = float(delta[order].abs().max()) if k else 0.0
     gain = 0.5 / amax if amax > 0 else 1.0
-    fig = _figure((1.25 * max(k, 1) + 1.2, 4.4))
+    fig = new_figure((1.25 * max(k, 1) + 1.2, 4.4))
     axes = fig.subplots(3, max(k, 1), squeeze=False)
 
     def cls(i: int) -> str:
@@ -355,5 +358,5 @@ def save_adversarial_examples(
     linf = info["linf_max"]
     fig.suptitle(f"{info['fooled']} of {info['n']} flipped; max L∞ {linf:.4g}"
                  + (f" ({linf * 255:.1f}/255)" if not math.isclose(linf, 0.0) else ""), fontsize=9)
-    png_path = _save_figure(fig, out / f"{name}.png")
+    png_path = save_figure(fig, out / f"{name}.png")
     return {"safetensors": st_path, "png": png_path}
