@@ -21,6 +21,7 @@ from qrobust.studies.harness import (
     available_studies,
     dataset_defaults,
     get_study,
+    grid,
     interleaved_epoch_times,
     median_epoch_time,
     new_figure,
@@ -92,6 +93,12 @@ def test_budget_is_resolved_and_checked_by_name():
         resolve_budget(study, quick=False, overrides={"step": 3})
     with pytest.raises(ConfigError, match="steps must be a positive integer"):
         resolve_budget(study, quick=False, overrides={"steps": 0})
+
+
+def test_grid_is_the_product_of_named_axes_first_slowest():
+    cells = grid({"bits": [4, 1], "recipe": ["ce", "odgq"]}, where=lambda j: (j["bits"], j["recipe"]) != (1, "ce"))
+    assert cells == [{"bits": 4, "recipe": "ce"}, {"bits": 4, "recipe": "odgq"}, {"bits": 1, "recipe": "odgq"}]
+    assert grid({}) == [{}]
 
 
 # ------------------------------------------------------------------------------------------ timing

@@ -85,6 +85,7 @@ from qrobust.studies.harness import (
     StudyContext,
     dataset_defaults,
     eps_key,
+    grid,
     interleaved_epoch_times,
     median_epoch_time,
     new_figure,
@@ -644,16 +645,11 @@ def run_dq_study(**settings: Any) -> dict[str, Any]:
 def _grid(modes: list[str], bits: list[int], betas: list[float], adversarial: bool) -> list[dict[str, Any]]:
     """Every fine-tuned model: per mode and bit-width (32 once, shared by the modes), with and without
     adversarial training, vanilla and one DQ model per β."""
-    jobs: list[dict[str, Any]] = []
-    for mode in modes:
-        for b in bits:
-            if b == 32 and mode != modes[0]:
-                continue  # the float models are shared by every mode
-            for at in ([False, True] if adversarial else [False]):
-                for kind, beta in [("vanilla", None)] + [("dq", bt) for bt in betas]:
-                    jobs.append({"mode": "float" if b == 32 else mode, "bits": b, "kind": kind, "beta": beta,
-                                 "adversarial": at})
-    return jobs
+    cells = grid({"mode": modes, "bits": bits, "adversarial": [False, True] if adversarial else [False],
+                  "recipe": [("vanilla", None)] + [("dq", bt) for bt in betas]},
+                 where=lambda j: j["bits"] != 32 or j["mode"] == modes[0])  # float models: shared by the modes
+    return [{"mode": "float" if j["bits"] == 32 else j["mode"], "bits": j["bits"], "kind": j["recipe"][0],
+             "beta": j["recipe"][1], "adversarial": j["adversarial"]} for j in cells]
 
 
 def _median(v: list[float | None]) -> float | None:

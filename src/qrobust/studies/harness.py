@@ -4,6 +4,7 @@ A study (``qrobust study NAME``) is the flow data → model → quantize → fit
 claims judged from the numbers, and one report folder. The study declares its grid, its runs and its claims;
 this module owns the rest:
 
+* **the grid** — every combination of named axes (:func:`grid`);
 * **settings** — per-dataset defaults (:func:`dataset_defaults`, :data:`DEFAULT_MODEL`), attack/timing
   budgets (:func:`resolve_budget`: the study's dataclass, its ``quick`` variant, user overrides checked by
   name before anything trains), torch threads (:func:`study_threads`);
@@ -19,37 +20,42 @@ this module owns the rest:
 * **the registry** — :func:`register_study`, :func:`get_study`, :func:`available_studies`; the CLI builds
   ``qrobust study NAME`` and its ``--help`` from each study's :attr:`Study.options`.
 
-Declaring a study::
+Declaring a study (one file: ``studies/transfer.py``, listed in :data:`BUILTIN_STUDIES`)::
 
-    from qrobust.studies.harness import Option, Study, StudyContext, paired_test, register_study, verdict
+    from qrobust.studies.harness import (TRAINING_OPTIONS, Option, Study, StudyContext, grid, new_figure,
+                                         paired_test, paired_text, register_study, significant, verdict)
 
     @dataclasses.dataclass
-    class Budget:
+    class Budget:                                         # attack/timing budgets, overridable by name
         pgd_steps: int = 20
 
     @register_study
     class Transfer(Study):
-        name = "transfer"
+        name = "transfer"                                 # qrobust study transfer
         summary = "do adversarial examples transfer across bit-widths?"
-        format = "qrobust-transfer-study/1"
-        budget = Budget()
-        quick_budget = Budget(pgd_steps=5)
-        options = (Option("--bits", "int_list", "bit-widths, e.g. 2,4,8"),)
+        format = "qrobust-transfer-study/1"               # bump when the results layout changes
+        budget, quick_budget = Budget(), Budget(pgd_steps=5)
+        options = (*TRAINING_OPTIONS, Option("--bits", "int_list", "bit-widths, e.g. 2,4,8"))
 
-        def run(self, ctx: StudyContext, *, dataset: str, data_dir=None, bits=(2, 4, 8)) -> dict:
-            ...                                               # the grid: one model per bit-width
-            net = ctx.fit(f"w{b}a{b}", net, train, objective="ce", config=cfg).model
-            ...                                               # the runs: masks[b] = robust mask of model b
-            t = paired_test(masks[4], masks[2])               # {"only_a", "only_b", "z", "p"}
-            return {"format": self.format, "settings": {...}, "claims": {"1": {"verdict": verdict(points)}}}
+        def run(self, ctx: StudyContext, *, dataset, data_dir=None, bits=(2, 4, 8), model=None, epochs=None,
+                n_train=None, n_eval=None, bf16=False) -> dict:
+            masks = {}
+            for job in grid({"bits": bits, "source": bits}):      # the grid
+                net = ctx.fit(f"w{job['bits']}", ..., objective="ce", config=cfg).model   # resumable runs
+                masks[job["bits"], job["source"]] = ...           # per-sample robust mask (ctx.budget.pgd_steps)
+            t = paired_test(masks[4, 2], masks[2, 2])             # {"only_a", "only_b", "z", "p"}
+            points = [(t["only_a"] > t["only_b"], significant(t))]
+            return {"format": self.format, "settings": {"dataset": dataset, "bits": list(bits)},
+                    "claims": {"1": {"comparison": t, "verdict": verdict(points)}}}   # the claims
 
-        def render(self, results: dict) -> str:               # Markdown from the JSON alone
-            ...
+        def render(self, results) -> str:                 # report.md from the JSON alone
+            c = results["claims"]["1"]
+            return f"# Transfer study\n\n1. **{c['verdict']}** ({paired_text(c['comparison'])})\n"
 
-        def figures(self, results: dict) -> dict:             # file name → Figure (optional)
+        def figures(self, results) -> dict:               # optional: file name → Figure
             fig = new_figure((5, 4))
             ...
-            return {"robust_vs_bits.png": fig}
+            return {"transfer.png": fig}
 
     results = run_study("transfer", dataset="digits", quick=True, out="runs/transfer")
 
@@ -63,6 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -86,7 +93,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ALPHA", "COMMON_OPTIONS", "DEFAULT_MODEL", "SMALL_IMAGE_DATASETS", "TRAINING_OPTIONS", "Option", "Study",
-    "StudyContext", "available_studies", "dataset_defaults", "eps_key", "get_study", "interleaved_epoch_times",
+    "StudyContext", "available_studies", "dataset_defaults", "eps_key", "get_study", "grid", "interleaved_epoch_times",
     "load_results", "median_epoch_time", "new_figure", "num", "override_budget", "paired_test", "paired_text",
     "pct", "register_study", "render_results", "resolve_budget", "run_study", "save_figure", "significant",
     "study_of", "study_threads", "timing_ratios", "verdict", "write_outputs",
@@ -183,6 +190,16 @@ def resolve_budget(study: Study, *, quick: bool, overrides: Mapping[str, Any] | 
             raise ConfigError(f"the {study.name} study has no budget to override; drop --budget")
         return None
     return override_budget(base, overrides)
+
+
+def grid(axes: Mapping[str, Sequence[Any]], *, where: Callable[[dict[str, Any]], bool] | None = None
+         ) -> list[dict[str, Any]]:
+    """A study's grid: every combination of ``axes`` (name → values; the first axis varies slowest), as
+    dicts, keeping those ``where`` accepts. ``grid({"bits": [4, 1], "recipe": ["ce", "odgq"]})`` →
+    ``[{"bits": 4, "recipe": "ce"}, {"bits": 4, "recipe": "odgq"}, {"bits": 1, ...}, ...]``."""
+    names = list(axes)
+    jobs = [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
+    return [j for j in jobs if where is None or where(j)]
 
 
 def eps_key(eps: float) -> str:
