@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from qrobust.cli import main
+from qrobust.cli import main, make_parser, study_settings
 from qrobust.errors import ConfigError, InputError
 from qrobust.studies import harness
 from qrobust.studies.harness import (
@@ -207,3 +207,30 @@ def test_study_help_lists_each_studys_own_flags(capsys, study, flags):
     for flag in [*flags, "--dataset", "--data-dir", "--model", "--epochs", "--n-train", "--n-eval", "--budget",
                  "--bf16", "--quick", "--resume", "--seed", "--out"]:
         assert flag in out, flag
+
+
+@pytest.mark.parametrize("argv, expected", [
+    # the README's and bench/results' commands: the same keywords the studies got before the registry
+    ("dq --dataset mnist --bits 1,2,4,32 --betas 3e-3,3e-2",
+     {"dataset": "mnist", "bits": (1, 2, 4, 32), "betas": (3e-3, 3e-2), "quantize_weights": "act-only",
+      "penalty_bn": "ignore", "adversarial": False, "full_confirm": False, "bf16": False}),
+    ("dq --dataset cifar10 --init f.safetensors --bits 1,2,4,32 --n-train 20000 --epochs 3 --source-epochs 5 "
+     "--n-eval 500 --bf16 --eps 2,4 --quantize-weights act-only,both --penalty-bn fold --adversarial",
+     {"dataset": "cifar10", "init": "f.safetensors", "bits": (1, 2, 4, 32), "n_train": 20000, "epochs": 3,
+      "source_epochs": 5, "n_eval": 500, "bf16": True, "eps": [2 / 255, 4 / 255],
+      "quantize_weights": "act-only,both", "penalty_bn": "fold", "adversarial": True, "full_confirm": False}),
+    ("odgq --dataset mnist --bits 4,1 --epochs 2 --n-eval 300 --budget {\"at_steps\":7} --eps 8 --lr 0.02 "
+     "--recipes fgsm-rs,odgq",
+     {"dataset": "mnist", "bits": (4, 1), "epochs": 2, "n_eval": 300, "budget": {"at_steps": 7}, "eps": 8 / 255,
+      "lr": 0.02, "recipes": ("fgsm-rs", "odgq"), "bf16": False}),
+])
+def test_study_flags_keep_their_meaning(argv, expected):
+    args = make_parser().parse_args(["study", *argv.split()])
+    settings = study_settings(args)
+    common = {"out": f"runs/{args.name}-{expected['dataset']}", "quick": False, "resume": False, "seed": 0}
+    assert settings == {**common, **expected}
+
+
+def test_a_flag_of_the_other_study_is_refused(capsys):
+    assert main(["study", "dq", "--recipes", "odgq"]) == 2
+    assert "unrecognized arguments: --recipes" in capsys.readouterr().err

@@ -390,14 +390,20 @@ def _add_study_option(p: argparse.ArgumentParser, opt: Any) -> None:
     p.add_argument(opt.flag, type=STUDY_OPTION_TYPES[opt.type], **kw)
 
 
-def cmd_study(args: argparse.Namespace) -> int:
-    from qrobust.studies.harness import get_study, run_study
+def study_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords of :func:`~qrobust.studies.harness.run_study` that ``qrobust study NAME …`` asks for:
+    every option of the study that was given (or has a default); the others keep the study's defaults."""
+    from qrobust.studies.harness import get_study
 
-    study = get_study(args.name)
     args.out = args.out or f"runs/{args.name}-{args.dataset}"
-    settings = {o.dest: getattr(args, o.dest) for o in study.cli_options()}
-    settings = {k: v for k, v in settings.items() if v is not None}  # left out: the study's default applies
-    run_study(study, **settings)
+    settings = {o.dest: getattr(args, o.dest) for o in get_study(args.name).cli_options()}
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from qrobust.studies.harness import run_study
+
+    run_study(args.name, **study_settings(args))
     print(f"study report: {Path(args.out) / 'report.md'}")
     return 0
 
