@@ -23,6 +23,7 @@ from qrobust.studies.harness import (
     get_study,
     grid,
     interleaved_epoch_times,
+    md_table,
     median_epoch_time,
     new_figure,
     paired_test,
@@ -59,6 +60,10 @@ def test_exact_test_is_more_careful_than_z_on_few_discordant_pairs():
     assert t["z"] > 1.96 and t["p"] == pytest.approx(0.0625) and not significant(t)
     with pytest.raises(InputError):
         paired_test(a, b[:3])
+
+
+def test_md_table_escapes_pipes():
+    assert md_table(["a", "b"], [[1, "x|y"]]) == ["| a | b |", "|---|---|", "| 1 | x\\|y |"]
 
 
 def test_paired_text_keeps_legacy_z_only_results():

@@ -87,6 +87,7 @@ from qrobust.studies.harness import (
     eps_key,
     grid,
     interleaved_epoch_times,
+    md_table,
     median_epoch_time,
     new_figure,
     num,
@@ -911,28 +912,45 @@ def _generation(res: Mapping[str, Any]) -> dict[str, bool]:
 
 
 def _report(res: Mapping[str, Any]) -> str:
-    s, claims, recs = res["settings"], res["claims"], res["models"]
+    """report.md: header, claims, cost and significance, the per-model table, caveats."""
     g = _generation(res)
+    lines = [*_report_header(res, g), "## Claims\n", *_report_claims(res, g), *_report_models(res, g),
+             *_report_caveats(res["settings"])]
+    return "\n".join(lines) + "\n"
+
+
+def _report_header(res: Mapping[str, Any], g: Mapping[str, bool]) -> list[str]:
+    s = res["settings"]
     subset = s.get("n_train") if g["bn_factors"] else None  # format-1 files before it did not name the subset
     source = s.get("source_epochs") if g["bn_factors"] else None
     eps, me = s["eps"], s["main_eps"]
-    L: list[str] = []
-    L.append(f"# Defensive Quantization study — {s['dataset']}, {s['model']}\n")
-    L.append(f"Lin, Gan & Han (ICLR 2019) measured on {s['dataset']} with `{s['model']}` (ReLU6, activation clip "
-             f"α = {s['act_clip']:g}); bits {s['bits']} ({', '.join(s['quantize_weights'])}), "
-             f"β ∈ {s['betas']}, penalty on {s['layers']} layers, {s['weights']} weights"
-             f"{', BatchNorm gains folded in' if s.get('penalty_bn') == 'fold' else ''}. Every model is "
-             f"fine-tuned for {s['epochs']} epochs from one float parent (lr {s['fit']['lr']:g}"
-             f"{', bf16 autocast' if s['fit'].get('bf16') else ''}"
-             f"{'' if subset is None else ', on ' + str(subset) + ' training images'}); "
-             + (f"transfer source trained for {s['source_epochs']} epochs; " if source else "")
-             + f"{s['n_eval']} test samples; L∞ ε ∈ {[round(e, 4) for e in eps]}, main ε = {me:.4g}. "
-             f"Wall time {res['wall_time_s']:.0f} s on {s['threads']} thread(s).\n")
-    L.append("## Claims\n")
+    return [
+        f"# Defensive Quantization study — {s['dataset']}, {s['model']}\n",
+        f"Lin, Gan & Han (ICLR 2019) measured on {s['dataset']} with `{s['model']}` (ReLU6, activation clip "
+        f"α = {s['act_clip']:g}); bits {s['bits']} ({', '.join(s['quantize_weights'])}), "
+        f"β ∈ {s['betas']}, penalty on {s['layers']} layers, {s['weights']} weights"
+        f"{', BatchNorm gains folded in' if s.get('penalty_bn') == 'fold' else ''}. Every model is "
+        f"fine-tuned for {s['epochs']} epochs from one float parent (lr {s['fit']['lr']:g}"
+        f"{', bf16 autocast' if s['fit'].get('bf16') else ''}"
+        f"{'' if subset is None else ', on ' + str(subset) + ' training images'}); "
+        + (f"transfer source trained for {s['source_epochs']} epochs; " if source else "")
+        + f"{s['n_eval']} test samples; L∞ ε ∈ {[round(e, 4) for e in eps]}, main ε = {me:.4g}. "
+        f"Wall time {res['wall_time_s']:.0f} s on {s['threads']} thread(s).\n",
+    ]
+
+
+_CLAIM2_PARTS = {"larger_at_output": "larger distortion at the last activation than float",
+                 "grows_through_layers": "distortion grows first→last layer, more than in float",
+                 "changes_buckets": "activations change bucket",
+                 "dq_lowers_output_distortion": "some DQ β lowers the last-layer distortion below vanilla"}
+
+
+def _report_claims(res: Mapping[str, Any], g: Mapping[str, bool]) -> list[str]:
+    s, claims, recs = res["settings"], res["claims"], res["models"]
     c1, c2, c3, c4 = claims["1"], claims["2"], claims["3"], claims["4"]
-    L.append(f"1. **{c1['claim']}** — **{c1['verdict']}**. " + "; ".join(
+    L = [f"1. **{c1['claim']}** — **{c1['verdict']}**. " + "; ".join(
         f"{c['mode']} {c['bits']}-bit: float {pct(c['a_value'])}% vs vanilla {pct(c['b_value'])}% "
-        f"({paired_text(c)})" for c in c1["comparisons"]) + ".")
+        f"({paired_text(c)})" for c in c1["comparisons"]) + "."]
     L.append(f"2. **{c2['claim']}** — **{c2['verdict']}**. " + "; ".join(
         f"{c['mode']} {c['bits']}-bit: last-layer ‖Δ‖/‖f‖ vanilla {num(c['vanilla']['last_rel_l2'])} vs float "
         f"{num(c['float']['last_rel_l2'])} ({'larger' if c['larger_at_output'] else 'not larger'}), growth "
@@ -942,13 +960,7 @@ def _report(res: Mapping[str, Any]) -> str:
         "same grid)" + "".join(f", DQ β={float(k):g}: last {num(d['last_rel_l2'])}, growth {num(d['growth'])}"
                                 for k, d in c["dq"].items())
         for c in c2["comparisons"]) + ".")
-    if c2.get("parts"):
-        names = {"larger_at_output": "larger distortion at the last activation than float",
-                 "grows_through_layers": "distortion grows first→last layer, more than in float",
-                 "changes_buckets": "activations change bucket",
-                 "dq_lowers_output_distortion": "some DQ β lowers the last-layer distortion below vanilla"}
-        for k, v in c2["parts"].items():
-            L.append(f"   - {names.get(k, k)}: {v}")
+    L += [f"   - {_CLAIM2_PARTS.get(k, k)}: {v}" for k, v in (c2.get("parts") or {}).items()]
     if c3.get("best_beta") is not None:
         pb = c3["per_beta"][repr(c3["best_beta"])]
         L.append(f"3. **{c3['claim']}** — vs vanilla: **{c3['verdict']}**; vs float: **{c3['verdict_vs_float']}**; "
@@ -958,9 +970,8 @@ def _report(res: Mapping[str, Any]) -> str:
                      f"{pct(c['vs_vanilla']['b_value'])}% ({paired_text(c['vs_vanilla'])}), clean "
                      f"{'+' if c['clean_gain'] >= 0 else ''}{100 * c['clean_gain']:.1f} pts"
                      for c in pb["comparisons"]) + ". Per β:")
-        for v in c3["per_beta"].values():
-            L.append(f"   - β = {v['beta']:g}: vs vanilla {v['vs_vanilla']}; vs float {v['vs_float']}; clean "
-                     f"{v['clean_above_vanilla']}")
+        L += [f"   - β = {v['beta']:g}: vs vanilla {v['vs_vanilla']}; vs float {v['vs_float']}; clean "
+              f"{v['clean_above_vanilla']}" for v in c3["per_beta"].values()]
     else:
         L.append(f"3. **{c3['claim']}** — not measured (no quantized bit-width).")
     if c4["verdict"] == "not measured":
@@ -982,12 +993,12 @@ def _report(res: Mapping[str, Any]) -> str:
              f"confirmation suite ({recs[0]['confirm']['suite'] if recs else '—'}: APGD-CE/APGD-T with "
              "straight-through and float-surrogate gradients, Square, transfer from the parent).")
     t = res["timing"]
+    batches = s["budget"].get("timing_batches")
     dq_s, van_s = statistics.median(t["dq_epoch_s"]), statistics.median(t["vanilla_epoch_s"])
     L.append(f"\nCost: a DQ epoch takes **{t['ratio_median']:.3f}×** a vanilla QAT epoch ({t['spec']}, β = "
              f"{t['beta']:g}, median ratio over {t['repeats']} interleaved pairs of "
              f"{t['epochs_per_sample']}-epoch runs"
-             f"{'' if s['budget'].get('timing_batches') is None else ' of ' + str(s['budget']['timing_batches'])}"
-             f"{'' if s['budget'].get('timing_batches') is None else ' batches per epoch'}; "
+             f"{'' if batches is None else f' of {batches} batches per epoch'}; "
              f"median epochs {num(dq_s)} s vs {num(van_s)} s; fastest "
              f"runs' ratio {t['ratio_of_minima']:.3f}) — "
              f"{claims['cost']['verdict']} (target ≤ {COST_LIMIT:.2f}×). "
@@ -1002,26 +1013,38 @@ def _report(res: Mapping[str, Any]) -> str:
     L.append("![robust accuracy vs bits](robust_vs_bits.png)\n\n![clean accuracy vs bits](clean_vs_bits.png)\n")
     if res["amplification_plot"]["models"]:
         L.append("![error amplification per layer](amplification.png)\n")
-    L.append("## Models\n")
-    head = (["model", "clean"] + [f"FGSM {e:.3g}" for e in eps] + [f"PGD {e:.3g}" for e in eps]
-            + [f"transfer {me:.3g}", f"suite {me:.3g}", f"**worst {me:.3g}**", "‖WᵀW−I‖"]
-            + (["… BN folded"] if g["bn_folded"] else []) + ["Lip. bound"]
-            + (["∏ weights", "∏ BN"] if g["bn_factors"] else []) + ["amp. last (common)", "bucket Δ", "flags"])
-    L.append("| " + " | ".join(head) + " |")
-    L.append("|" + "---|" * len(head))
-    for r in recs:
-        amp = r["amplification"]["common"]["summary"]
-        cells = ([r["label"], pct(r["clean"])] + [pct(r["fgsm"][eps_key(e)]) for e in eps]
-                 + [pct(r["pgd"][eps_key(e)]) for e in eps]
-                 + [pct(r["transfer"][eps_key(me)]), pct(r["confirm"]["robust"]), f"**{pct(r['robust_main'])}**",
-                    num(r["ortho"]["total"])]
-                 + ([num(r.get("ortho_bn_folded", {}).get("total"))] if g["bn_folded"] else [])
-                 + [num(r["lipschitz"]["bound"])]
-                 + ([num(r["lipschitz"].get("weight_product")), num(r["lipschitz"].get("bn_product"))]
-                    if g["bn_factors"] else [])
-                 + [num(amp["last_rel_l2"]), pct(amp["mean_bucket_change"]),
-                    ", ".join(r["confirm"]["flags"]) or "none"])
-        L.append("| " + " | ".join(cells) + " |")
+    return L
+
+
+def _model_columns(eps: list[float], me: float, g: Mapping[str, bool]) -> list[tuple[str, Any]]:
+    """The per-model table: (header, cell of a model record) per column; the BN columns only where the
+    results have them (:func:`_generation`)."""
+    def amp(r: Mapping[str, Any]) -> Mapping[str, Any]:
+        return r["amplification"]["common"]["summary"]
+
+    cols: list[tuple[str, Any]] = [("model", lambda r: r["label"]), ("clean", lambda r: pct(r["clean"]))]
+    cols += [(f"FGSM {e:.3g}", lambda r, e=e: pct(r["fgsm"][eps_key(e)])) for e in eps]
+    cols += [(f"PGD {e:.3g}", lambda r, e=e: pct(r["pgd"][eps_key(e)])) for e in eps]
+    cols += [(f"transfer {me:.3g}", lambda r: pct(r["transfer"][eps_key(me)])),
+             (f"suite {me:.3g}", lambda r: pct(r["confirm"]["robust"])),
+             (f"**worst {me:.3g}**", lambda r: f"**{pct(r['robust_main'])}**"),
+             ("‖WᵀW−I‖", lambda r: num(r["ortho"]["total"]))]
+    if g["bn_folded"]:
+        cols.append(("… BN folded", lambda r: num(r.get("ortho_bn_folded", {}).get("total"))))
+    cols.append(("Lip. bound", lambda r: num(r["lipschitz"]["bound"])))
+    if g["bn_factors"]:
+        cols += [("∏ weights", lambda r: num(r["lipschitz"].get("weight_product"))),
+                 ("∏ BN", lambda r: num(r["lipschitz"].get("bn_product")))]
+    cols += [("amp. last (common)", lambda r: num(amp(r)["last_rel_l2"])),
+             ("bucket Δ", lambda r: pct(amp(r)["mean_bucket_change"])),
+             ("flags", lambda r: ", ".join(r["confirm"]["flags"]) or "none")]
+    return cols
+
+
+def _report_models(res: Mapping[str, Any], g: Mapping[str, bool]) -> list[str]:
+    s = res["settings"]
+    cols = _model_columns(s["eps"], s["main_eps"], g)
+    L = ["## Models\n", *md_table([h for h, _ in cols], [[cell(r) for _, cell in cols] for r in res["models"]])]
     L.append("\nAccuracies in %. ‖WᵀW−I‖: √Σ_l ‖G_l − I‖²_F of the latent weights (smaller Gram matrix)"
              + ("; … BN folded: the same for diag(γ/σ)·W, each conv with the BatchNorm after it" if g["bn_folded"]
                 else "")
@@ -1031,10 +1054,13 @@ def _report(res: Mapping[str, Any]) -> str:
              + ". amp. last: "
              "‖f(x′) − f(x)‖/‖f(x)‖ at the last activation for the common perturbation; bucket Δ: mean fraction "
              "of activations in another quantization bucket (float models on the same grid).\n")
-    L.append("## Caveats\n")
-    L.append(f"- {s['dataset']} and `{s['model']}` are far smaller than the paper's Wide ResNets on CIFAR-10/SVHN; "
-             "short fine-tuning runs; one seed. Numbers measure these settings only.")
-    L.append("- β is swept over decades because the paper's 3e-4…6e-4 is tied to its network and schedule; "
-             "the orthogonality error each β reached is in the table.")
-    L.append("- The best β is selected on the evaluation samples, which favours DQ; every β is reported.")
-    return "\n".join(L) + "\n"
+    return L
+
+
+def _report_caveats(s: Mapping[str, Any]) -> list[str]:
+    return ["## Caveats\n",
+            f"- {s['dataset']} and `{s['model']}` are far smaller than the paper's Wide ResNets on CIFAR-10/SVHN; "
+            "short fine-tuning runs; one seed. Numbers measure these settings only.",
+            "- β is swept over decades because the paper's 3e-4…6e-4 is tied to its network and schedule; "
+            "the orthogonality error each β reached is in the table.",
+            "- The best β is selected on the evaluation samples, which favours DQ; every β is reported."]

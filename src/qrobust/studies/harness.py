@@ -93,10 +93,11 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ALPHA", "COMMON_OPTIONS", "DEFAULT_MODEL", "SMALL_IMAGE_DATASETS", "TRAINING_OPTIONS", "Option", "Study",
-    "StudyContext", "available_studies", "dataset_defaults", "eps_key", "get_study", "grid", "interleaved_epoch_times",
-    "load_results", "median_epoch_time", "new_figure", "num", "override_budget", "paired_test", "paired_text",
-    "pct", "register_study", "render_results", "resolve_budget", "run_study", "save_figure", "significant",
-    "study_of", "study_threads", "timing_ratios", "verdict", "write_outputs",
+    "StudyContext", "available_studies", "dataset_defaults", "eps_key", "get_study", "grid",
+    "interleaved_epoch_times", "load_results", "md_table", "median_epoch_time", "new_figure", "num",
+    "override_budget", "paired_test", "paired_text", "pct", "register_study", "render_results", "resolve_budget",
+    "run_study", "save_figure", "significant", "study_of", "study_threads", "timing_ratios", "verdict",
+    "write_outputs",
 ]
 
 T = TypeVar("T")
@@ -300,6 +301,14 @@ def pct(v: float | None, *, missing: str = "—") -> str:
 def num(v: float | None, *, missing: str = "—") -> str:
     """A number to three significant digits (``missing`` for None)."""
     return missing if v is None else f"{v:.3g}"
+
+
+def md_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table as lines (``|`` in a cell escaped, newlines flattened)."""
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
 
 
 def _json_default(o: Any) -> Any:

@@ -71,6 +71,7 @@ from qrobust.studies.harness import (
     StudyContext,
     dataset_defaults,
     interleaved_epoch_times,
+    md_table,
     median_epoch_time,
     new_figure,
     paired_test,
@@ -501,15 +502,12 @@ def _report(res: Mapping[str, Any]) -> str:
             continue
         labels = rows[0]["white_box"] + rows[0]["black_box"]
         L.append(f"## {b} bit{'s' if b > 1 else ''} (`{s['specs'][str(b)]}`), ε = {s['eps'][str(b)]:.4g}\n")
-        L.append("| recipe | clean | " + " | ".join(labels) + " | white-box mean | black-box mean | worst-ten | "
-                 "**standard** | worst-all | **cost** | cost (fastest) | cost (run) |")
-        L.append("|" + "---|" * (len(labels) + 10))
-        for r in rows:
-            L.append(f"| {RECIPE_NAMES[r['recipe']]} | {_pct(r['clean'])} | "
-                     + " | ".join(_pct(r["attacks"][k]) for k in labels)
-                     + f" | {_pct(r['white_box_mean'])} | {_pct(r['black_box_mean'])} | {_pct(r['worst_ten'])} | "
-                     f"**{_pct(r['standard'])}** | {_pct(r['worst_all'])} | **{r['epoch_time_ratio']:.2f}×** | "
-                     f"{r['epoch_time_ratio_min']:.2f}× | {r['epoch_time_ratio_run']:.2f}× |")
+        head = ["recipe", "clean", *labels, "white-box mean", "black-box mean", "worst-ten", "**standard**",
+                "worst-all", "**cost**", "cost (fastest)", "cost (run)"]
+        L += md_table(head, [[RECIPE_NAMES[r["recipe"]], _pct(r["clean"]), *(_pct(r["attacks"][k]) for k in labels),
+                              _pct(r["white_box_mean"]), _pct(r["black_box_mean"]), _pct(r["worst_ten"]),
+                              f"**{_pct(r['standard'])}**", _pct(r["worst_all"]), f"**{r['epoch_time_ratio']:.2f}×**",
+                              f"{r['epoch_time_ratio_min']:.2f}×", f"{r['epoch_time_ratio_run']:.2f}×"] for r in rows])
         flags = [f"{RECIPE_NAMES[r['recipe']]}: {', '.join(r['flags'])}" for r in rows if r["flags"]]
         L.append("\nGradient-masking diagnostics (standard suite): " + ("; ".join(flags) if flags else "none flagged")
                  + ".\n")
