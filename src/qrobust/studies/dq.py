@@ -294,6 +294,26 @@ def _evaluate(
     return res, combined
 
 
+def _amplification_record(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_common: torch.Tensor, *, bits: int,
+                          studied: list[int], main_eps: float, act_clip: float, budget: _Budget, seed: int
+                          ) -> dict[str, Any]:
+    """Error amplification of one model at the main ε: for the common perturbation ``x_common`` (transfer
+    examples of the independent float model; a float model also on every studied grid, for claim 2) and for
+    its own white-box PGD examples, on its own bucket grid (a float model: the reference grid)."""
+    grid_bits = bits if bits != 32 else None
+    na = min(budget.n_amp, len(y))
+    common = amplification(net, x[:na], x_common[:na], bits=grid_bits or _ref_bits(studied), alpha=act_clip)
+    per_grid = {}
+    if grid_bits is None:
+        for qb in (b for b in studied if b != 32):
+            per_grid[str(qb)] = amplification_summary(amplification(net, x[:na], x_common[:na], bits=qb,
+                                                                    alpha=act_clip))
+    own = amplification_sweep(net, x[:na], y[:na], [main_eps], steps=budget.pgd_steps, seed=seed,
+                              bits=grid_bits or _ref_bits(studied), alpha=act_clip)[0]
+    return {"common": {"rows": common, "summary": amplification_summary(common), "per_grid": per_grid},
+            "own": {"rows": own["rows"], "summary": own["summary"], "adv_accuracy": own["adv_accuracy"]}}
+
+
 def _model_stats(model: nn.Module, input_shape: tuple[int, ...], quantized_weights: bool) -> dict[str, Any]:
     ortho = orthogonality_error(model)
     folded = orthogonality_error(model, bn="fold")
@@ -531,25 +551,13 @@ class DefensiveQuantization(Study):
             res_e, mask = _evaluate(net, x=x, y=y, eps_list=eps_l, main_eps=m_eps, parent=parent,
                                     transfer_adv=transfer_adv, budget=budget, full_confirm=full_confirm, seed=seed)
             stats = _model_stats(net, input_shape, quantized_weights=job["mode"] == "both")
-            grid_bits = job["bits"] if job["bits"] != 32 else None
-            na = min(budget.n_amp, len(y))
-            amp_common = amplification(net, x[:na], transfer_adv[m_eps][:na], bits=grid_bits or _ref_bits(bits_l),
-                                       alpha=act_clip)
-            per_grid = {}  # a float model's bucket statistics on every studied grid, for claim 2
-            if grid_bits is None:
-                for qb in (b for b in bits_l if b != 32):
-                    rows_b = amplification(net, x[:na], transfer_adv[m_eps][:na], bits=qb, alpha=act_clip)
-                    per_grid[str(qb)] = amplification_summary(rows_b)
-            amp_own = amplification_sweep(net, x[:na], y[:na], [m_eps], steps=budget.pgd_steps, seed=seed,
-                                          bits=grid_bits or _ref_bits(bits_l), alpha=act_clip)[0]
+            amp = _amplification_record(net, x, y, transfer_adv[m_eps], bits=job["bits"], studied=bits_l,
+                                        main_eps=m_eps, act_clip=act_clip, budget=budget, seed=seed)
             rec = {
                 **job, "label": label, "spec": None if spec is None else spec.to_dict(),
                 "spec_str": "float" if spec is None else str(spec), "run": str(ctx.run_dir(run_tag).relative_to(out)),
                 "objective": obj.config() if hasattr(obj, "config") else str(obj), **res_e, **stats,
-                "amplification": {"common": {"rows": amp_common, "summary": amplification_summary(amp_common),
-                                             "per_grid": per_grid},
-                                  "own": {"rows": amp_own["rows"], "summary": amp_own["summary"],
-                                          "adv_accuracy": amp_own["adv_accuracy"]}},
+                "amplification": amp,
                 "epoch_time_s": median_epoch_time(hist),
                 "final_train_loss": hist[-1]["train_loss"] if hist else None,
             }
