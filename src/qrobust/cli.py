@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qrobust.errors import ConfigError, QrobustError
-from qrobust.studies.harness import DEFAULT_MODEL
+from qrobust.studies.harness import DEFAULT_MODEL, available_studies, get_study, render_results, run_study
 
 log = logging.getLogger("qrobust")
 
@@ -352,31 +352,32 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _int_list(text: str, flag: str = "--bits") -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError as e:
-        raise UsageError(f"qrobust: --bits takes integers separated by commas: {e}") from e
+        raise UsageError(f"qrobust: {flag} takes integers separated by commas: {e}") from e
 
 
-def _float_list(text: str) -> tuple[float, ...]:
+def _float_list(text: str, flag: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError as e:
-        raise UsageError(f"qrobust: expected numbers separated by commas, got {text!r}") from e
+        raise UsageError(f"qrobust: {flag} takes numbers separated by commas, got {text!r}") from e
 
 
-#: how ``qrobust study`` parses each kind of study option (:class:`qrobust.studies.harness.Option`)
+#: how ``qrobust study`` parses each kind of study option (:class:`qrobust.studies.harness.Option`):
+#: ``(text, flag) → value``
 STUDY_OPTION_TYPES: dict[str, Any] = {
-    "str": str,
-    "int": int,
-    "float": float,
+    "str": lambda text, flag: text,
+    "int": lambda text, flag: int(text),
+    "float": lambda text, flag: float(text),
     "int_list": _int_list,
     "float_list": _float_list,
-    "str_list": lambda text: tuple(text.split(",")),
-    "eps255_list": lambda text: parse_eps(text, "Linf"),
-    "eps255": lambda text: parse_eps(text, "Linf")[0],
-    "json": lambda text: _json_option(text, "--budget"),
+    "str_list": lambda text, flag: tuple(text.split(",")),
+    "eps255_list": lambda text, flag: parse_eps(text, "Linf"),
+    "eps255": lambda text, flag: parse_eps(text, "Linf")[0],
+    "json": lambda text, flag: _json_option(text, flag),
 }
 
 
@@ -384,32 +385,33 @@ def _add_study_option(p: argparse.ArgumentParser, opt: Any) -> None:
     if opt.type == "flag":
         p.add_argument(opt.flag, dest=opt.dest, action="store_true", help=opt.help)
         return
+    convert = STUDY_OPTION_TYPES[opt.type]
+
+    def parse(text: str) -> Any:
+        return convert(text, opt.flag)
+
+    parse.__name__ = opt.type.split("_")[0]  # argparse names it in "invalid int value: 'x'"
     kw: dict[str, Any] = {"dest": opt.dest, "default": opt.default, "help": opt.help}
     if opt.choices:
         kw["choices"] = list(opt.choices)
-    p.add_argument(opt.flag, type=STUDY_OPTION_TYPES[opt.type], **kw)
+    p.add_argument(opt.flag, type=parse, **kw)
 
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The keywords of :func:`~qrobust.studies.harness.run_study` that ``qrobust study NAME …`` asks for:
     every option of the study that was given (or has a default); the others keep the study's defaults."""
-    from qrobust.studies.harness import get_study
-
     args.out = args.out or f"runs/{args.name}-{args.dataset}"
     settings = {o.dest: getattr(args, o.dest) for o in get_study(args.name).cli_options()}
     return {k: v for k, v in settings.items() if v is not None}
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from qrobust.studies.harness import run_study
-
     run_study(args.name, **study_settings(args))
     print(f"study report: {Path(args.out) / 'report.md'}")
     return 0
 
 
 def cmd_study_render(args: argparse.Namespace) -> int:
-    from qrobust.studies.harness import render_results
     from qrobust.utils import atomic_write_text
 
     src = Path(args.results)
@@ -428,8 +430,6 @@ def cmd_study_render(args: argparse.Namespace) -> int:
 def _add_study_parsers(sub: Any) -> None:
     """``qrobust study NAME``: one subcommand per registered study, its options declared in the study's file;
     ``qrobust study render``: a report re-rendered from its results."""
-    from qrobust.studies.harness import available_studies, get_study
-
     st = sub.add_parser("study", help="the papers' experiments: " + ", ".join(available_studies()) + "; render",
                         description="Run one of the papers' experiments, or re-render a study's report.")
     studies = st.add_subparsers(dest="name", metavar="STUDY", parser_class=_Parser, required=True)
