@@ -37,8 +37,10 @@ def test_study_render_command(tmp_path, capsys):
     folder.mkdir()
     shutil.copyfile(RESULTS / "odgq_mnist.json", folder / "results.json")
     want = (RESULTS / "odgq_mnist" / "report.md").read_text()
-    assert main(["study", "render", str(folder)]) == 0
+    assert main(["study", "render", str(folder), "--figures"]) == 0
     assert (folder / "report.md").read_text() == want
+    for png in ("robustness_vs_cost.png", "attacks.png"):
+        assert (folder / png).read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     assert main(["study", "render", str(RESULTS / "dq_digits.json"), "--out", "-"]) == 0
     assert capsys.readouterr().out == (RESULTS / "dq_digits" / "report.md").read_text()

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from qrobust.errors import ConfigError, QrobustError
-from qrobust.studies.harness import DEFAULT_MODEL, available_studies, get_study, render_results, run_study
+from qrobust.studies.harness import (
+    DEFAULT_MODEL,
+    available_studies,
+    get_study,
+    load_results,
+    render_results,
+    run_study,
+    save_figure,
+    study_of,
+)
 
 log = logging.getLogger("qrobust")
 
@@ -424,6 +433,11 @@ def cmd_study_render(args: argparse.Namespace) -> int:
     else:
         atomic_write_text(Path(out), text)
         print(f"study report: {out}")
+    if args.figures:
+        results = load_results(src)
+        folder = Path(out).parent if str(out) != "-" else (src if src.is_dir() else src.parent)
+        for fname, fig in study_of(results).figures(results).items():
+            print(f"figure: {save_figure(fig, folder / fname)}")
     return 0
 
 
@@ -444,6 +458,7 @@ def _add_study_parsers(sub: Any) -> None:
     r.add_argument("results", help="a study's report folder, its results.json, or a bench/results/NAME.json")
     r.add_argument("--out", default=None,
                    help="where to write (default: report.md beside results.json; '-' or a NAME.json: stdout)")
+    r.add_argument("--figures", action="store_true", help="also redraw the study's figures beside the report")
     r.set_defaults(func=cmd_study_render)
 
 
