@@ -174,8 +174,9 @@ def test_a_study_is_one_class_run_by_the_harness(toy, tmp_path):
     assert (tmp_path / "t" / "toy.png").read_bytes()[:4] == b"\x89PNG"
     report = (tmp_path / "t" / "report.md").read_text()
     assert report.startswith("# Toy study") and render_results(tmp_path / "t") == report
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match=r"the toy study has no setting \['flipz'\]; it takes \['data_dir', 'eps'"):
         run_study("toy", out=tmp_path / "u", flipz=3)
+    assert not (tmp_path / "u").exists()
     with pytest.raises(ConfigError, match="unknown study"):
         get_study("nonesuch")
     with pytest.raises(ConfigError, match="already registered"):

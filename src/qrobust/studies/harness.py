@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import itertools
 import json
 import logging
@@ -496,6 +497,7 @@ def run_study(study: str | Study, *, dataset: str | None = None, out: str | Path
     """
     st = get_study(study)
     dataset = dataset or st.default_dataset
+    _check_settings(st, settings)
     budget_v = resolve_budget(st, quick=quick, overrides=budget)
     out_p = Path(out if out is not None else f"runs/{st.name}-study")
     with study_threads(threads, dataset) as n_threads:
@@ -507,6 +509,18 @@ def run_study(study: str | Study, *, dataset: str | None = None, out: str | Path
         write_outputs(st, results, out_p)
         log.info("%s study written to %s (%.0f s)", st.name, out_p, results["wall_time_s"])
         return results
+
+
+def _check_settings(study: Study, settings: Mapping[str, Any]) -> None:
+    """Unknown keywords of a study fail before anything trains, naming the ones it takes."""
+    params = inspect.signature(study.run).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "dataset"]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ConfigError(f"the {study.name} study has no setting {unknown}; it takes {sorted(known)} and the "
+                          "harness's out, quick, budget, resume, seed, threads")
 
 
 def write_outputs(study: str | Study, results: Mapping[str, Any], out: str | Path) -> dict[str, Path]:
