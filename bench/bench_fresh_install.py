@@ -26,7 +26,8 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True)
         pip, qrobust = tmp / "venv" / "bin" / "pip", tmp / "venv" / "bin" / "qrobust"
         t0 = time.perf_counter()
-        subprocess.run([str(pip), "install", "-q", "-c", str(tmp / "clone" / "constraints.txt"), str(tmp / "clone")], check=True, capture_output=True)
+        subprocess.run([str(pip), "install", "-q", "-c", str(tmp / "clone" / "constraints.txt"),
+                        str(tmp / "clone")], check=True, capture_output=True)
         install_s = time.perf_counter() - t0
         packages = subprocess.run([str(pip), "list", "--format=json"], check=True, capture_output=True, text=True)
         names = {p["name"].lower(): p["version"] for p in json.loads(packages.stdout)}

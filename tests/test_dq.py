@@ -214,7 +214,8 @@ def test_dq_objective_lowers_orthogonality_error_in_training():
 
 # ------------------------------------------------------------------------------------------ study
 def test_verdict_and_mcnemar():
-    from qrobust.studies.dq import _mcnemar_z, _verdict
+    from qrobust.studies.harness import paired_test, significant
+    from qrobust.studies.harness import verdict as _verdict
 
     assert _verdict([(True, True), (True, False)]) == "reproduced"
     assert _verdict([(True, False), (True, False)]).startswith("partly")
@@ -223,8 +224,12 @@ def test_verdict_and_mcnemar():
     assert _verdict([]) == "not measured"
     a = torch.tensor([True] * 9 + [False])
     b = torch.tensor([False] * 9 + [True])
-    assert _mcnemar_z(a, b) == pytest.approx(8 / math.sqrt(10))
-    assert _mcnemar_z(a, a) == 0.0
+    t = paired_test(a, b)
+    assert t["z"] == pytest.approx(8 / math.sqrt(10))
+    assert (t["only_a"], t["only_b"]) == (9, 1)
+    assert t["p"] == pytest.approx(2 * 11 / 2**10)  # exact two-sided binomial: 2·P(X ≤ 1), X ~ B(10, ½)
+    assert significant(t) and not significant(paired_test(b, a))
+    assert paired_test(a, a) == {"only_a": 0, "only_b": 0, "z": 0.0, "p": 1.0}
 
 
 def test_quick_study_writes_report(tmp_path):
@@ -247,6 +252,11 @@ def test_quick_study_writes_report(tmp_path):
     assert res["timing"]["ratio_of_medians"] > 0
     report = (tmp_path / "report.md").read_text()
     assert "## Claims" in report and "Cost: a DQ epoch" in report
+    from qrobust.studies.harness import render_results
+
+    assert saved["format"] == "qrobust-dq-study/2" and render_results(tmp_path) == report
+    c1 = saved["claims"]["1"]["comparisons"][0]
+    assert 0 < c1["p"] <= 1 and c1["only_a"] >= 0 and f"p = {c1['p']:.2g}" in report
 
 
 # ------------------------------------------------------------------------------------------ BatchNorm folding
@@ -275,16 +285,16 @@ def test_folded_penalty_sees_the_bn_gain_and_ignores_rescaling_it_undoes():
     g2 = w2 @ w2.T
     expected = 0.25 * float((g - torch.eye(3)).square().sum() + (g2 - torch.eye(4)).square().sum())
     value = pen(model)
-    assert float(value) == pytest.approx(expected, rel=1e-5)
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
     value.backward()
     assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0  # the gain is penalised too
     # scaling the conv by c and its BN statistics by c² changes nothing the network computes: the folded
     # penalty stays put, the paper's (bn="ignore") does not
-    before = {k: float(OrthogonalityPenalty(0.5, bn=k)(model)) for k in ("fold", "ignore")}
+    before = {k: float(OrthogonalityPenalty(0.5, bn=k)(model).detach()) for k in ("fold", "ignore")}
     with torch.no_grad():
         model[0].weight.mul_(3.0)
         bn.running_var.mul_(9.0)
-    after = {k: float(OrthogonalityPenalty(0.5, bn=k)(model)) for k in ("fold", "ignore")}
+    after = {k: float(OrthogonalityPenalty(0.5, bn=k)(model).detach()) for k in ("fold", "ignore")}
     assert after["fold"] == pytest.approx(before["fold"], rel=1e-4) and after["ignore"] > 2 * before["ignore"]
     assert orthogonality_error(model, bn="fold")["sum_sq"] == pytest.approx(4 * expected, rel=1e-4)  # β/2 = 1/4
     with pytest.raises(ConfigError, match="bn must be one of"):

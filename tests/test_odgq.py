@@ -333,6 +333,10 @@ def test_study_writes_report_json_and_plots(tmp_path) -> None:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert "## 4 bits" in report and "## Claims" in report and "ODG-Q" in report
+    from qrobust.studies.harness import render_results
+
+    assert render_results(out) == report and "exact McNemar" in report
+    assert res["format"] == "qrobust-odgq-study/2"
     rows = {r["recipe"]: r for r in res["rows"]}
     assert set(rows) == {"ce", "odgq"} and rows["ce"]["epoch_time_ratio"] == 1.0
     for r in rows.values():

@@ -28,18 +28,19 @@ from qrobust.models import build_model
 from qrobust.quant import QuantSpec, describe, format_description, quantize
 from qrobust.report import save_adversarial_examples
 from qrobust.studies.demo import run_demo
+from qrobust.studies.harness import (
+    DEFAULT_MODEL,
+    available_studies,
+    get_study,
+    load_results,
+    render_results,
+    run_study,
+    save_figure,
+    study_of,
+)
 from qrobust.training import FitConfig, close_process_group, fit
 
 log = logging.getLogger("qrobust")
-
-DEFAULT_MODEL = {
-    "digits": "digits_cnn",
-    "mnist": "small_cnn",
-    "fashion-mnist": "small_cnn",
-    "cifar10": "resnet20",
-    "svhn": "resnet20",
-    "imagefolder": "resnet20",
-}
 
 
 class UsageError(Exception):
@@ -339,69 +340,105 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str | None) -> tuple[int, ...] | None:
-    return None if text is None else tuple(int(v) for v in text.split(",") if v.strip())
+def _int_list(text: str, flag: str = "--bits") -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise UsageError(f"qrobust: {flag} takes integers separated by commas: {e}") from e
 
 
-def _float_list(text: str | None) -> tuple[float, ...] | None:
-    return None if text is None else tuple(float(v) for v in text.split(",") if v.strip())
+def _float_list(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise UsageError(f"qrobust: {flag} takes numbers separated by commas, got {text!r}") from e
+
+
+#: how ``qrobust study`` parses each kind of study option (:class:`qrobust.studies.harness.Option`):
+#: ``(text, flag) → value``
+STUDY_OPTION_TYPES: dict[str, Any] = {
+    "str": lambda text, flag: text,
+    "int": lambda text, flag: int(text),
+    "float": lambda text, flag: float(text),
+    "int_list": _int_list,
+    "float_list": _float_list,
+    "str_list": lambda text, flag: tuple(text.split(",")),
+    "eps255_list": lambda text, flag: parse_eps(text, "Linf"),
+    "eps255": lambda text, flag: parse_eps(text, "Linf")[0],
+    "json": lambda text, flag: _json_option(text, flag),
+}
+
+
+def _add_study_option(p: argparse.ArgumentParser, opt: Any) -> None:
+    if opt.type == "flag":
+        p.add_argument(opt.flag, dest=opt.dest, action="store_true", help=opt.help)
+        return
+    convert = STUDY_OPTION_TYPES[opt.type]
+
+    def parse(text: str) -> Any:
+        return convert(text, opt.flag)
+
+    parse.__name__ = opt.type.split("_")[0]  # argparse names it in "invalid int value: 'x'"
+    kw: dict[str, Any] = {"dest": opt.dest, "default": opt.default, "help": opt.help}
+    if opt.choices:
+        kw["choices"] = list(opt.choices)
+    p.add_argument(opt.flag, type=parse, **kw)
+
+
+def study_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords of :func:`~qrobust.studies.harness.run_study` that ``qrobust study NAME …`` asks for:
+    every option of the study that was given (or has a default); the others keep the study's defaults."""
+    args.out = args.out or f"runs/{args.name}-{args.dataset}"
+    settings = {o.dest: getattr(args, o.dest) for o in get_study(args.name).cli_options()}
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    try:
-        bits = _int_list(args.bits)
-        eps = None if args.eps is None else parse_eps(args.eps, "Linf")
-    except ValueError as e:
-        raise UsageError(f"qrobust: --bits takes integers separated by commas: {e}") from e
-    args.out = args.out or f"runs/{args.name}-{args.dataset}"
-    common = {
-        "dataset": args.dataset,
-        "model": args.model,
-        "epochs": args.epochs,
-        "out": args.out,
-        "data_dir": args.data_dir,
-        "n_eval": args.n_eval,
-        "quick": args.quick,
-        "seed": args.seed,
-        "resume": args.resume,
-        "n_train": args.n_train,
-        "budget": _json_option(args.budget, "--budget"),
-        "bf16": args.bf16,
-    }
-    if args.name == "dq":
-        from qrobust.studies.dq import run_dq_study
-
-        modes = args.quantize_weights.split(",")
-        run_dq_study(
-            **common,
-            bits=bits,
-            betas=_float_list(args.betas),
-            eps=eps,
-            quantize_weights=modes[0] if len(modes) == 1 else tuple(modes),
-            adversarial=args.adversarial,
-            init=args.init,
-            full_confirm=args.full_confirm,
-            float_epochs=args.float_epochs,
-            source_epochs=args.source_epochs,
-            penalty_bn=args.penalty_bn,
-        )
-    else:
-        from qrobust.studies.odgq import run_odgq_study
-
-        options = {
-            k: v
-            for k, v in {
-                "bits": bits,
-                "eps": eps[0] if eps else None,
-                "recipes": tuple(args.recipes.split(",")) if args.recipes else None,
-                "init": args.init,
-                "lr": args.lr,
-            }.items()
-            if v is not None
-        }
-        run_odgq_study(**common, **options)
+    run_study(args.name, **study_settings(args))
     print(f"study report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def cmd_study_render(args: argparse.Namespace) -> int:
+    from qrobust.utils import atomic_write_text
+
+    src = Path(args.results)
+    text = render_results(src)
+    out = args.out
+    if out is None:
+        out = src / "report.md" if src.is_dir() else src.with_name("report.md") if src.name == "results.json" else "-"
+    if str(out) == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(Path(out), text)
+        print(f"study report: {out}")
+    if args.figures:
+        results = load_results(src)
+        folder = Path(out).parent if str(out) != "-" else (src if src.is_dir() else src.parent)
+        for fname, fig in study_of(results).figures(results).items():
+            print(f"figure: {save_figure(fig, folder / fname)}")
+    return 0
+
+
+def _add_study_parsers(sub: Any) -> None:
+    """``qrobust study NAME``: one subcommand per registered study, its options declared in the study's file;
+    ``qrobust study render``: a report re-rendered from its results."""
+    st = sub.add_parser("study", help="the papers' experiments: " + ", ".join(available_studies()) + "; render",
+                        description="Run one of the papers' experiments, or re-render a study's report.")
+    studies = st.add_subparsers(dest="name", metavar="STUDY", parser_class=_Parser, required=True)
+    for name in available_studies():
+        study = get_study(name)
+        sp = studies.add_parser(name, help=study.summary, description=study.summary)
+        for opt in study.cli_options():
+            _add_study_option(sp, opt)
+        sp.set_defaults(func=cmd_study)
+    r = studies.add_parser("render", help="re-render a study's report.md from its results JSON",
+                           description="Re-render a study's report.md from its results JSON alone.")
+    r.add_argument("results", help="a study's report folder, its results.json, or a bench/results/NAME.json")
+    r.add_argument("--out", default=None,
+                   help="where to write (default: report.md beside results.json; '-' or a NAME.json: stdout)")
+    r.add_argument("--figures", action="store_true", help="also redraw the study's figures beside the report")
+    r.set_defaults(func=cmd_study_render)
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -520,36 +557,7 @@ def make_parser() -> argparse.ArgumentParser:
     an.add_argument("--out", default=None)
     an.set_defaults(func=cmd_analyze)
 
-    st = sub.add_parser("study", help="the papers' experiments: dq (Defensive Quantization), odgq (robust QAT)")
-    st.add_argument("name", choices=["dq", "odgq"])
-    st.add_argument("--dataset", default="digits")
-    st.add_argument("--data-dir", default=None)
-    st.add_argument("--model", default=None)
-    st.add_argument("--bits", default=None, help="bit-widths, e.g. 1,2,4,32 (dq) or 4,1 (odgq)")
-    st.add_argument("--betas", default=None, help="dq: β values, e.g. 3e-4,3e-3,3e-2")
-    st.add_argument("--quantize-weights", default="act-only", help="dq: act-only | both | act-only,both")
-    st.add_argument("--adversarial", action="store_true", help="dq: combine with PGD adversarial training")
-    st.add_argument("--init", default=None, help="float checkpoint every model is fine-tuned from")
-    st.add_argument("--lr", type=float, default=None, help="odgq: learning rate (default per dataset)")
-    st.add_argument("--penalty-bn", default="ignore", choices=["ignore", "fold"],
-                    help="dq: 'fold' penalises diag(γ/σ)·W, the conv with the BatchNorm after it")
-    st.add_argument("--full-confirm", action="store_true", help="dq: the quantized suite at full budgets with SPSA")
-    st.add_argument("--recipes", default=None, help="odgq: subset of natural,fgsm-rs,pgd-at,trades,odgq")
-    st.add_argument("--n-train", type=int, default=None, help="train (dq: fine-tune) on a random subset")
-    st.add_argument("--float-epochs", type=int, default=None, help="dq: epochs of the float parent")
-    st.add_argument("--source-epochs", type=int, default=None,
-                    help="dq: epochs of the independent float transfer source (default: --float-epochs)")
-    st.add_argument("--budget", default=None,
-                    help='attack/timing budgets as JSON, e.g. \'{"square_queries": 300, "timing_batches": 40}\'')
-    st.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast")
-    st.add_argument("--epochs", type=int, default=None)
-    st.add_argument("--eps", default=None, help="L∞ ε on the 0–255 scale (dq: a list)")
-    st.add_argument("--n-eval", type=int, default=None, help="test images evaluated")
-    st.add_argument("--quick", action="store_true", help="a small budget (seconds to a minute)")
-    st.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
-    st.add_argument("--seed", type=int, default=0)
-    st.add_argument("--out", default=None, help="report folder (default: runs/STUDY-DATASET)")
-    st.set_defaults(func=cmd_study)
+    _add_study_parsers(sub)
     return p
 
 

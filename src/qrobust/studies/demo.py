@@ -13,12 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from qrobust.studies.dq import run_dq_study
+
 log = logging.getLogger(__name__)
 
 
 def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    from qrobust.studies.dq import run_dq_study
-
     results = run_dq_study(dataset="digits", bits=(4, 32), betas=(3e-2,), quantize_weights="both", out=out,
                            quick=quick, resume=True, seed=seed)
     print(demo_table(results))

@@ -29,18 +29,21 @@ a binary digits network any robustness; the float PGD-AT source is trained at th
   model (the order rotates each round) of the per-round ratio to natural training.
 
 **Claims** (per bit-width): ODG-Q's epoch time ≤ 1.5× natural; its standard-suite worst-case robust
-accuracy ≥ FGSM-RS's and within 3 points of PGD-AT's. Each comparison also carries McNemar's paired
-statistic on the same samples (|z| > 1.96: significant).
+accuracy ≥ FGSM-RS's and within 3 points of PGD-AT's. Each comparison also carries the exact McNemar
+test on the same samples (:func:`~qrobust.studies.harness.paired_test`: p, the discordant counts and z).
+
+The shared parts — budgets, resumption, timing, statistics, figures and the report folder — are
+:mod:`qrobust.studies.harness`'s; this file is the study's science.
 
 Outputs in ``out``: ``report.md``, ``results.json``, ``robustness_vs_cost.png``, ``attacks.png`` and the run
 folders (checkpoints, ``metrics.jsonl``) under ``runs/``.
 """
 
+
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import statistics
@@ -52,12 +55,38 @@ from typing import Any
 import torch
 from torch import nn
 
+from qrobust import checkpoint
+from qrobust._version import __version__
+from qrobust.data import load_dataset
+from qrobust.defenses import make_objective
+from qrobust.defenses.guards import OverfitGuard
 from qrobust.errors import ConfigError
-from qrobust.studies import override_budget, study_threads
+from qrobust.evaluation import evaluate
+from qrobust.models import build_model
+from qrobust.quant import is_quantized, quantize
+from qrobust.studies.harness import (
+    TRAINING_OPTIONS,
+    Option,
+    Study,
+    StudyContext,
+    dataset_defaults,
+    interleaved_epoch_times,
+    md_table,
+    median_epoch_time,
+    new_figure,
+    paired_test,
+    paired_text,
+    pct,
+    register_study,
+    run_study,
+    timing_ratios,
+)
+from qrobust.training import FitConfig, fit
+from qrobust.validation import check_eps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BINARY_SPEC", "DATASET_DEFAULTS", "RECIPES", "run_odgq_study", "spec_for_bits"]
+__all__ = ["BINARY_SPEC", "DATASET_DEFAULTS", "RECIPES", "RobustQAT", "run_odgq_study", "spec_for_bits"]
 
 RECIPES = ("ce", "fgsm-rs", "pgd-at", "trades", "odgq")
 RECIPE_NAMES = {"ce": "natural QAT", "fgsm-rs": "FGSM-RS", "pgd-at": "PGD-AT", "trades": "TRADES", "odgq": "ODG-Q"}
@@ -66,20 +95,19 @@ RECIPE_NAMES = {"ce": "natural QAT", "fgsm-rs": "FGSM-RS", "pgd-at": "PGD-AT", "
 BINARY_SPEC = "w1a1,act_scheme=sign,ste=clipped,first_layer_bits=8,last_layer_bits=8"
 COST_LIMIT = 1.5
 NEAR_PGD = 0.03
-Z_CRIT = 1.96
+#: results format (absent before: z only); 2 records the exact McNemar test (p, discordant counts) next to z
+FORMAT = "qrobust-odgq-study/2"
 
-#: per-dataset defaults (each can be overridden by the matching keyword of :func:`run_odgq_study`)
+#: per-dataset defaults (each can be overridden by the matching keyword of :func:`run_odgq_study`; the
+#: architecture is :data:`qrobust.studies.harness.DEFAULT_MODEL`'s)
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"model": "digits_cnn", "eps": 0.2, "binary_eps": 0.1, "epochs": 20, "batch_size": 64, "lr": 0.05,
-               "n_eval": 359},
+    "digits": {"eps": 0.2, "binary_eps": 0.1, "epochs": 20, "batch_size": 64, "lr": 0.05, "n_eval": 359},
     # MNIST's customary ε = 0.3 is out of reach of a few-epoch budget: PGD-AT (7 steps, SGD lr 0.05 or 0.01)
     # stays at chance (loss 2.31 after 120 batches) where ε = 0.2 is already at 50 % train accuracy
-    "mnist": {"model": "small_cnn", "eps": 0.2, "binary_eps": 0.1, "epochs": 10, "batch_size": 128, "lr": 0.05,
-              "n_eval": 1000},
-    "fashion-mnist": {"model": "small_cnn", "eps": 0.1, "epochs": 10, "batch_size": 128, "lr": 0.05,
-                      "n_eval": 1000},
-    "cifar10": {"model": "resnet20", "eps": 8 / 255, "epochs": 30, "batch_size": 128, "lr": 0.1, "n_eval": 1000},
-    "svhn": {"model": "resnet20", "eps": 8 / 255, "epochs": 15, "batch_size": 128, "lr": 0.05, "n_eval": 1000},
+    "mnist": {"eps": 0.2, "binary_eps": 0.1, "epochs": 10, "batch_size": 128, "lr": 0.05, "n_eval": 1000},
+    "fashion-mnist": {"eps": 0.1, "epochs": 10, "batch_size": 128, "lr": 0.05, "n_eval": 1000},
+    "cifar10": {"eps": 8 / 255, "epochs": 30, "batch_size": 128, "lr": 0.1, "n_eval": 1000},
+    "svhn": {"eps": 8 / 255, "epochs": 15, "batch_size": 128, "lr": 0.05, "n_eval": 1000},
 }
 _FALLBACK = {"model": "resnet20", "eps": 8 / 255, "epochs": 10, "batch_size": 128, "lr": 0.05, "n_eval": 500}
 
@@ -121,9 +149,6 @@ def spec_for_bits(bits: int) -> str:
 # ============================================================================================ pieces
 def _build(name: str, info: Any, spec: str, seed: int, init: nn.Module | None = None) -> nn.Module:
     """A fresh ``name`` model (seeded), or a copy of the float ``init`` model, quantized to ``spec``."""
-    from qrobust.models import build_model
-    from qrobust.quant import quantize
-
     torch.manual_seed(seed)
     if init is not None:
         m = copy.deepcopy(init)
@@ -135,8 +160,6 @@ def _build(name: str, info: Any, spec: str, seed: int, init: nn.Module | None = 
 
 
 def _objective(recipe: str, eps: float, budget: _Budget, options: Mapping[str, Mapping[str, Any]]) -> Any:
-    from qrobust.defenses import make_objective
-
     if recipe == "ce":
         return make_objective("ce", **dict(options.get("ce", {})))
     base: dict[str, Any] = {"eps": eps}
@@ -149,11 +172,6 @@ def _fit_config(cfg: Any, obj: Any) -> Any:
     return dataclasses.replace(cfg, **getattr(obj, "recommended_fit", {}))
 
 
-def _epoch_time(history: list[dict[str, Any]]) -> float:
-    times = [h["epoch_time_s"] for h in history]
-    return statistics.median(times[1:] if len(times) > 2 else times)
-
-
 def _interleaved_cost(
     name: str, info: Any, spec: str, train: Any, cfg: Any, recipes: Sequence[str], eps: float,
     budget: _Budget, options: Mapping[str, Mapping[str, Any]], seed: int, init: nn.Module | None = None,
@@ -161,23 +179,20 @@ def _interleaved_cost(
     """Back-to-back short runs (``timing_epochs`` epochs) of every recipe on copies of one model,
     ``timing_repeats`` rounds (the order rotates); per round the ratio of each recipe's mean epoch time to
     natural training's."""
-    from qrobust.training import fit
-
     base = _build(name, info, spec, seed, init)
+
+    def one_run(recipe: str) -> list[dict[str, Any]]:
+        obj = _objective(recipe, eps, budget, options)
+        one = dataclasses.replace(_fit_config(cfg, obj), epochs=budget.timing_epochs, max_batches=budget.timing_batches)
+        return fit(copy.deepcopy(base), train, objective=obj, config=one).history
+
     order = ["ce", *[r for r in recipes if r != "ce"]]
-    times: dict[str, list[float]] = {r: [] for r in order}
-    for rnd in range(budget.timing_repeats):
-        k = rnd % len(order)
-        for r in order[k:] + order[:k]:
-            obj = _objective(r, eps, budget, options)
-            one = dataclasses.replace(_fit_config(cfg, obj), epochs=budget.timing_epochs,
-                                      max_batches=budget.timing_batches)
-            h = fit(copy.deepcopy(base), train, objective=obj, config=one).history
-            times[r].append(statistics.fmean(e["epoch_time_s"] for e in h))
+    times = interleaved_epoch_times({r: (lambda r=r: one_run(r)) for r in order}, repeats=budget.timing_repeats)
+    ratios = timing_ratios(times, "ce")
     out: dict[str, Any] = {"repeats": budget.timing_repeats, "epochs_per_sample": budget.timing_epochs,
                            "batches_per_epoch": budget.timing_batches, "epoch_s": times}
-    out["ratio"] = {r: statistics.median(t / n for t, n in zip(times[r], times["ce"])) for r in order}
-    out["ratio_of_minima"] = {r: min(times[r]) / min(times["ce"]) for r in order}
+    out["ratio"] = {r: ratios[r]["median"] for r in order}
+    out["ratio_of_minima"] = {r: ratios[r]["of_minima"] for r in order}
     return out
 
 
@@ -206,16 +221,8 @@ def _attack_suite(eps: float, b: _Budget, *, float_pgd: nn.Module, float_ce: nn.
     return suite
 
 
-def _mcnemar_z(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Signed McNemar statistic of "a is robust more often than b" on paired masks."""
-    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
-    return 0.0 if only_a + only_b == 0 else (only_a - only_b) / math.sqrt(only_a + only_b)
-
-
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, b: _Budget, seed: int,
               **sources: Any) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    from qrobust.evaluation import evaluate
-
     wide = evaluate(model, (x, y), suite=_attack_suite(eps, b, **sources), eps=eps, seed=seed, diagnostics=False)
     std = evaluate(model, (x, y), suite="standard", eps=eps, seed=seed, n_queries=b.square_queries,
                    attack_kwargs={"apgd-ce": {"n_iter": b.apgd_iter}, "apgd-t": {"n_iter": b.apgd_iter}},
@@ -243,30 +250,178 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, b:
     return res, sr.robust_mask, worst_all
 
 
+
 # ============================================================================================ the study
-def run_odgq_study(
-    *,
-    dataset: str = "digits",
-    model: str | None = None,
-    bits: Sequence[int] = (4, 1),
-    recipes: Sequence[str] = RECIPES,
-    epochs: int | None = None,
-    out: str | Path = "runs/odgq-study",
-    n_eval: int | None = None,
-    n_train: int | None = None,
-    eps: float | Mapping[int, float] | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    recipe_options: Mapping[str, Mapping[str, Any]] | None = None,
-    quick: bool = False,
-    budget: Mapping[str, Any] | None = None,
-    bf16: bool = False,
-    init: str | Path | None = None,
-    seed: int = 0,
-    data_dir: str | Path | None = None,
-    resume: bool = False,
-    threads: int | str | None = "auto",
-) -> dict[str, Any]:
+@register_study
+class RobustQAT(Study):
+    """The ODG-Q study (module docstring) as a :class:`~qrobust.studies.harness.Study`."""
+
+    name = "odgq"
+    summary = "affordable robust quantization: natural QAT, FGSM-RS, PGD-AT, TRADES, ODG-Q on robustness and cost"
+    format = FORMAT
+    budget = _Budget()
+    quick_budget = _QUICK
+    options = (
+        *TRAINING_OPTIONS,
+        Option("--bits", "int_list", "bit-widths, e.g. 4,1 (1 = binary)"),
+        Option("--eps", "eps255", "L∞ ε on the 0–255 scale (default per dataset and bit-width)"),
+        Option("--recipes", "str_list", "subset of ce (natural),fgsm-rs,pgd-at,trades,odgq"),
+        Option("--init", "str", "float checkpoint every model is fine-tuned from"),
+        Option("--lr", "float", "learning rate (default per dataset)"),
+    )
+
+    def run(
+        self,
+        ctx: StudyContext,
+        *,
+        dataset: str,
+        data_dir: str | Path | None = None,
+        model: str | None = None,
+        bits: Sequence[int] = (4, 1),
+        recipes: Sequence[str] = RECIPES,
+        epochs: int | None = None,
+        n_eval: int | None = None,
+        n_train: int | None = None,
+        eps: float | Mapping[int, float] | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        recipe_options: Mapping[str, Mapping[str, Any]] | None = None,
+        bf16: bool = False,
+        init: str | Path | None = None,
+    ) -> dict[str, Any]:
+        """See :func:`run_odgq_study`."""
+        quick, budget, seed = ctx.quick, ctx.budget, ctx.seed
+        recipe_options = dict(recipe_options or {})
+        bits_l = [int(b) for b in bits]
+        if not bits_l or len(set(bits_l)) != len(bits_l):
+            raise ConfigError(f"bits must be a non-empty list of distinct bit-widths, got {list(bits)}")
+        specs = {b: spec_for_bits(b) for b in bits_l}
+        bad = [r for r in recipes if r not in RECIPES]
+        if bad:
+            raise ConfigError(f"unknown recipes {bad}; choose from {RECIPES}")
+        recipes_l = ["ce", *[r for r in RECIPES if r in recipes and r != "ce"]]
+        d = dataset_defaults(DATASET_DEFAULTS, dataset, _FALLBACK)
+        if quick:
+            d.update(epochs=max(2, d["epochs"] // 3), n_eval=min(d["n_eval"], 200))
+        model_name = model or d["model"]
+        parent = None
+        if init is not None:
+            parent = checkpoint.load(init)
+            if is_quantized(parent):
+                raise ConfigError(f"init={init} is a quantized checkpoint; the study starts from a float model")
+            model_name = parent.qrobust_arch["name"]
+            if model is not None and model != model_name:
+                raise ConfigError(f"init={init} is a {model_name}, but model={model!r} was asked for")
+        if eps is None:
+            eps_by = {b: d.get("binary_eps", d["eps"]) if b == 1 else d["eps"] for b in bits_l}
+        elif isinstance(eps, Mapping):
+            missing = [b for b in bits_l if b not in eps]
+            if missing:
+                raise ConfigError(f"eps gives no ε for bit-widths {missing}; give one per bit-width or a single value")
+            eps_by = {b: eps[b] for b in bits_l}
+        else:
+            eps_by = {b: eps for b in bits_l}
+        eps_by = {b: check_eps(e, "Linf", positive=True) for b, e in eps_by.items()}
+        eps_v = eps_by[bits_l[0]]  # the float PGD-AT source is trained at the first bit-width's ε
+        epochs_v = epochs or d["epochs"]
+        root = None if data_dir is None else Path(data_dir)
+        train = load_dataset(dataset, "train", root=root)
+        test = load_dataset(dataset, "test", root=root)
+        if n_train is not None:
+            train = train.subset(n_train, seed=seed)
+        info = test.info
+        x, y = test.tensors(n_eval or d["n_eval"])
+        if parent is not None:
+            try:
+                with torch.no_grad():
+                    out_shape = parent.eval()(x[:1]).shape
+            except RuntimeError as e:
+                raise ConfigError(f"init={init} does not take {dataset} images {tuple(x.shape[1:])}: {e}") from e
+            if out_shape[-1] != info.num_classes:
+                raise ConfigError(f"init={init} predicts {out_shape[-1]} classes, {dataset} has {info.num_classes}")
+        cfg = FitConfig(epochs=epochs_v, batch_size=batch_size or d["batch_size"], lr=lr or d["lr"], seed=seed,
+                        bf16=bf16)
+
+        def train_one(tag: str, recipe: str, spec: str, eps_t: float) -> tuple[nn.Module, dict[str, Any]]:
+            obj = _objective(recipe, eps_t, budget, recipe_options)
+            net = _build(model_name, info, spec, seed, parent)
+            cbs = [obj.callback] if hasattr(obj, "callback") else []
+            guard = None
+            if recipe in ("fgsm-rs", "odgq"):  # single-step recipes: watch for catastrophic overfitting (warn only)
+                guard = OverfitGuard((x, y), eps=eps_t, n=min(256, len(y)), steps=budget.guard_steps, seed=seed)
+                cbs.append(guard)
+            t0 = time.perf_counter()
+            res = ctx.fit(tag, net, train, objective=obj, config=_fit_config(cfg, obj), callbacks=cbs,
+                          metadata={"dataset": dataset, "study": "odgq", "recipe": recipe})
+            log.info("trained %s in %.0f s", tag, time.perf_counter() - t0)
+            cfg_obj = obj.config() if hasattr(obj, "config") else {"name": recipe}
+            return res.model, {"epoch_time_s": median_epoch_time(res.history, skip_first=True), "train_time_s":
+                                      sum(h["epoch_time_s"] for h in res.history), "objective": cfg_obj,
+                                      "final_train_acc": res.history[-1]["train_acc"],
+                                      "co_flagged_epochs": [] if guard is None else guard.flagged}
+
+        log.info("float sources: PGD-AT and natural training")
+        float_pgd, src_pgd = train_one("float-pgd-at", "pgd-at", "float", eps_v)
+        float_ce, src_ce = train_one("float-ce", "ce", "float", eps_v)
+        models: dict[tuple[int, str], nn.Module] = {}
+        rows: list[dict[str, Any]] = []
+        for b in bits_l:
+            for r in recipes_l:
+                log.info("%s at %s", RECIPE_NAMES[r], specs[b])
+                m, meta = train_one(f"{'binary' if b == 1 else specs[b]}-{r}", r, specs[b], eps_by[b])
+                models[b, r] = m
+                rows.append({"recipe": r, "bits": b, "spec": specs[b], "eps": eps_by[b], **meta})
+        cost = {}
+        for b in bits_l:
+            log.info("interleaved cost measurement at %s", specs[b])
+            cost[b] = _interleaved_cost(model_name, info, specs[b], train, cfg, recipes_l, eps_by[b], budget,
+                                        recipe_options, seed, parent)
+
+        masks: dict[tuple[int, str], torch.Tensor] = {}
+        for row in rows:
+            b, r = row["bits"], row["recipe"]
+            others = [o for o in bits_l if o != b]
+            other_b = others[0] if others else None
+            log.info("evaluating %s at %s", RECIPE_NAMES[r], specs[b])
+            res, std_mask, _ = _evaluate(
+                models[b, r], x, y, eps_by[b], budget, seed, float_pgd=float_pgd, float_ce=float_ce,
+                other=models[other_b, r] if other_b is not None else None,
+                other_label=None if other_b is None else ("binary" if other_b == 1 else specs[other_b]))
+            masks[b, r] = std_mask
+            nat = next(rr for rr in rows if rr["bits"] == b and rr["recipe"] == "ce")
+            row.update(res)
+            row["epoch_time_ratio_run"] = row["epoch_time_s"] / nat["epoch_time_s"]
+            row["epoch_time_ratio"] = cost[b]["ratio"][r]
+            row["epoch_time_ratio_min"] = cost[b]["ratio_of_minima"][r]
+
+        claims = _claims(rows, masks, bits_l)
+        return {
+            "study": "odgq",
+            "format": FORMAT,
+            "settings": {"dataset": dataset, "model": model_name, "eps": {str(b): e for b, e in eps_by.items()},
+                         "source_eps": eps_v, "bits": bits_l, "specs":
+                         {str(b): s for b, s in specs.items()}, "recipes": recipes_l, "fit": cfg.to_dict(),
+                         "n_train": len(train), "n_eval": len(y), "init": None if init is None else str(init),
+                         "quick": quick, "seed": seed, "threads": ctx.threads,
+                         "budget": dataclasses.asdict(budget), "recipe_options": recipe_options},
+            "sources": {"float-pgd-at": src_pgd, "float-ce": src_ce},
+            "rows": rows,
+            "cost": {str(b): c for b, c in cost.items()},
+            "claims": claims,
+            "versions": {"qrobust": __version__, "torch": torch.__version__},
+        }
+
+    def render(self, results: Mapping[str, Any]) -> str:
+        return _report(results)
+
+    def figures(self, results: Mapping[str, Any]) -> dict[str, Any]:
+        return {"robustness_vs_cost.png": _plot_cost(results), "attacks.png": _plot_attacks(results)}
+
+
+STUDY = RobustQAT()
+
+
+def run_odgq_study(**settings: Any) -> dict[str, Any]:
     """Run the study (module docstring) and write its report folder ``out``; returns ``results.json``'s dict.
 
     ``bits`` — bit-widths (1 = binary); ``recipes`` — a subset of :data:`RECIPES` (natural QAT is always
@@ -280,159 +435,12 @@ def run_odgq_study(
     (``{"at_steps": 7, "spsa_steps": 20, "timing_batches": 50}``; unknown names are an error); ``bf16``
     trains under bfloat16 autocast; ``init`` (a float checkpoint of ``model``'s architecture) makes every
     model, the float sources included, start from it instead of a random initialisation — adversarial
-    fine-tuning, which a CPU budget can afford on CIFAR-10; ``resume`` continues the run folders under
-    ``out/runs``; ``threads`` —
-    torch intra-op threads (``"auto"``: 1 on digits, whose 8×8 images gain nothing from more).
+    fine-tuning, which a CPU budget can afford on CIFAR-10. ``out`` (default ``runs/odgq-study``),
+    ``resume`` (continue the run folders under ``out/runs``), ``seed`` and ``threads`` (torch intra-op
+    threads; ``"auto"``: 1 on digits, whose 8×8 images gain nothing from more) are the harness's
+    (:func:`~qrobust.studies.harness.run_study`).
     """
-    with study_threads(threads, dataset) as n_threads:
-        return _run(dataset=dataset, model=model, bits=bits, recipes=recipes, epochs=epochs, out=Path(out),
-                    n_eval=n_eval, n_train=n_train, eps=eps, batch_size=batch_size, lr=lr,
-                    recipe_options=dict(recipe_options or {}), quick=quick, budget_overrides=budget, bf16=bf16,
-                    init=init, seed=seed, data_dir=data_dir, resume=resume, threads=n_threads)
-
-
-def _run(*, dataset: str, model: str | None, bits: Sequence[int], recipes: Sequence[str], epochs: int | None,
-         out: Path, n_eval: int | None, n_train: int | None, eps: Any, batch_size: int | None,
-         lr: float | None, recipe_options: dict[str, Mapping[str, Any]], quick: bool,
-         budget_overrides: Mapping[str, Any] | None, bf16: bool, init: str | Path | None, seed: int,
-         data_dir: str | Path | None, resume: bool,
-         threads: int) -> dict[str, Any]:
-    import qrobust
-    from qrobust.data import load_dataset
-    from qrobust.defenses.guards import OverfitGuard
-    from qrobust.training import FitConfig, fit
-    from qrobust.utils import atomic_write_text
-    from qrobust.validation import check_eps
-
-    t_start = time.perf_counter()
-    bits_l = [int(b) for b in bits]
-    if not bits_l or len(set(bits_l)) != len(bits_l):
-        raise ConfigError(f"bits must be a non-empty list of distinct bit-widths, got {list(bits)}")
-    specs = {b: spec_for_bits(b) for b in bits_l}
-    bad = [r for r in recipes if r not in RECIPES]
-    if bad:
-        raise ConfigError(f"unknown recipes {bad}; choose from {RECIPES}")
-    recipes_l = ["ce", *[r for r in RECIPES if r in recipes and r != "ce"]]
-    d = {**DATASET_DEFAULTS.get(dataset, _FALLBACK)}
-    budget = override_budget(_QUICK if quick else _Budget(), budget_overrides)
-    if quick:
-        d.update(epochs=max(2, d["epochs"] // 3), n_eval=min(d["n_eval"], 200))
-    model_name = model or d["model"]
-    parent = None
-    if init is not None:
-        from qrobust import checkpoint as ckpt
-        from qrobust.quant import is_quantized
-
-        parent = ckpt.load(init)
-        if is_quantized(parent):
-            raise ConfigError(f"init={init} is a quantized checkpoint; the study starts from a float model")
-        model_name = parent.qrobust_arch["name"]
-        if model is not None and model != model_name:
-            raise ConfigError(f"init={init} is a {model_name}, but model={model!r} was asked for")
-    if eps is None:
-        eps_by = {b: d.get("binary_eps", d["eps"]) if b == 1 else d["eps"] for b in bits_l}
-    elif isinstance(eps, Mapping):
-        missing = [b for b in bits_l if b not in eps]
-        if missing:
-            raise ConfigError(f"eps gives no ε for bit-widths {missing}; give one per bit-width or a single value")
-        eps_by = {b: eps[b] for b in bits_l}
-    else:
-        eps_by = {b: eps for b in bits_l}
-    eps_by = {b: check_eps(e, "Linf", positive=True) for b, e in eps_by.items()}
-    eps_v = eps_by[bits_l[0]]  # the float PGD-AT source is trained at the first bit-width's ε
-    epochs_v = epochs or d["epochs"]
-    root = None if data_dir is None else Path(data_dir)
-    train = load_dataset(dataset, "train", root=root)
-    test = load_dataset(dataset, "test", root=root)
-    if n_train is not None:
-        train = train.subset(n_train, seed=seed)
-    info = test.info
-    x, y = test.tensors(n_eval or d["n_eval"])
-    if parent is not None:
-        try:
-            with torch.no_grad():
-                out_shape = parent.eval()(x[:1]).shape
-        except RuntimeError as e:
-            raise ConfigError(f"init={init} does not take {dataset} images {tuple(x.shape[1:])}: {e}") from e
-        if out_shape[-1] != info.num_classes:
-            raise ConfigError(f"init={init} predicts {out_shape[-1]} classes, {dataset} has {info.num_classes}")
-    cfg = FitConfig(epochs=epochs_v, batch_size=batch_size or d["batch_size"], lr=lr or d["lr"], seed=seed, bf16=bf16)
-    runs = out / "runs"
-
-    def train_one(tag: str, recipe: str, spec: str, eps_t: float) -> tuple[nn.Module, dict[str, Any]]:
-        obj = _objective(recipe, eps_t, budget, recipe_options)
-        net = _build(model_name, info, spec, seed, parent)
-        cbs = [obj.callback] if hasattr(obj, "callback") else []
-        guard = None
-        if recipe in ("fgsm-rs", "odgq"):  # single-step recipes: watch for catastrophic overfitting (warn only)
-            guard = OverfitGuard((x, y), eps=eps_t, n=min(256, len(y)), steps=budget.guard_steps, seed=seed)
-            cbs.append(guard)
-        t0 = time.perf_counter()
-        res = fit(net, train, objective=obj, config=_fit_config(cfg, obj), out=runs / tag, resume=resume,
-                  callbacks=cbs, metadata={"dataset": dataset, "study": "odgq", "recipe": recipe})
-        log.info("trained %s in %.0f s", tag, time.perf_counter() - t0)
-        cfg_obj = obj.config() if hasattr(obj, "config") else {"name": recipe}
-        return res.model.eval(), {"epoch_time_s": _epoch_time(res.history), "train_time_s":
-                                  sum(h["epoch_time_s"] for h in res.history), "objective": cfg_obj,
-                                  "final_train_acc": res.history[-1]["train_acc"],
-                                  "co_flagged_epochs": [] if guard is None else guard.flagged}
-
-    log.info("float sources: PGD-AT and natural training")
-    float_pgd, src_pgd = train_one("float-pgd-at", "pgd-at", "float", eps_v)
-    float_ce, src_ce = train_one("float-ce", "ce", "float", eps_v)
-    models: dict[tuple[int, str], nn.Module] = {}
-    rows: list[dict[str, Any]] = []
-    for b in bits_l:
-        for r in recipes_l:
-            log.info("%s at %s", RECIPE_NAMES[r], specs[b])
-            m, meta = train_one(f"{'binary' if b == 1 else specs[b]}-{r}", r, specs[b], eps_by[b])
-            models[b, r] = m
-            rows.append({"recipe": r, "bits": b, "spec": specs[b], "eps": eps_by[b], **meta})
-    cost = {}
-    for b in bits_l:
-        log.info("interleaved cost measurement at %s", specs[b])
-        cost[b] = _interleaved_cost(model_name, info, specs[b], train, cfg, recipes_l, eps_by[b], budget,
-                                    recipe_options, seed, parent)
-
-    masks: dict[tuple[int, str], torch.Tensor] = {}
-    for row in rows:
-        b, r = row["bits"], row["recipe"]
-        others = [o for o in bits_l if o != b]
-        other_b = others[0] if others else None
-        log.info("evaluating %s at %s", RECIPE_NAMES[r], specs[b])
-        res, std_mask, _ = _evaluate(
-            models[b, r], x, y, eps_by[b], budget, seed, float_pgd=float_pgd, float_ce=float_ce,
-            other=models[other_b, r] if other_b is not None else None,
-            other_label=None if other_b is None else ("binary" if other_b == 1 else specs[other_b]))
-        masks[b, r] = std_mask
-        nat = next(rr for rr in rows if rr["bits"] == b and rr["recipe"] == "ce")
-        row.update(res)
-        row["epoch_time_ratio_run"] = row["epoch_time_s"] / nat["epoch_time_s"]
-        row["epoch_time_ratio"] = cost[b]["ratio"][r]
-        row["epoch_time_ratio_min"] = cost[b]["ratio_of_minima"][r]
-
-    claims = _claims(rows, masks, bits_l)
-    results = {
-        "study": "odgq",
-        "settings": {"dataset": dataset, "model": model_name, "eps": {str(b): e for b, e in eps_by.items()},
-                     "source_eps": eps_v, "bits": bits_l, "specs":
-                     {str(b): s for b, s in specs.items()}, "recipes": recipes_l, "fit": cfg.to_dict(),
-                     "n_train": len(train), "n_eval": len(y), "init": None if init is None else str(init),
-                     "quick": quick, "seed": seed, "threads": threads,
-                     "budget": dataclasses.asdict(budget), "recipe_options": recipe_options},
-        "sources": {"float-pgd-at": src_pgd, "float-ce": src_ce},
-        "rows": rows,
-        "cost": {str(b): c for b, c in cost.items()},
-        "claims": claims,
-        "versions": {"qrobust": qrobust.__version__, "torch": torch.__version__},
-        "wall_time_s": time.perf_counter() - t_start,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
-    _plot_cost(results, out / "robustness_vs_cost.png")
-    _plot_attacks(results, out / "attacks.png")
-    atomic_write_text(out / "report.md", _report(results))
-    return results
+    return run_study(STUDY, **settings)
 
 
 # ============================================================================================ claims
@@ -455,7 +463,7 @@ def _claims(rows: list[dict[str, Any]], masks: dict[tuple[int, str], torch.Tenso
             if ref in get:
                 gap = o["standard"] - get[ref]["standard"]
                 c[key] = {"odgq": o["standard"], ref: get[ref]["standard"], "gap": gap, "holds": bool(ok(gap)),
-                          "z": _mcnemar_z(masks[b, "odgq"], masks[b, ref]),
+                          **paired_test(masks[b, "odgq"], masks[b, ref]),
                           "gap_worst_all": o["worst_all"] - get[ref]["worst_all"]}
         out[str(b)] = c
     return out
@@ -463,15 +471,18 @@ def _claims(rows: list[dict[str, Any]], masks: dict[tuple[int, str], torch.Tenso
 
 # ============================================================================================ report
 def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
+    return pct(v, missing="–")
 
 
-def _report(res: dict[str, Any]) -> str:
+def _report(res: Mapping[str, Any]) -> str:
     s = res["settings"]
+    exact = "format" in res  # results before the exact test (no format tag) carry McNemar's z only
+    # before adversarial fine-tuning from a checkpoint (no "init" setting) the start was just "initialisation"
+    start = "random initialisation" if exact or "init" in s else "initialisation"
     L = [f"# ODG-Q study — {s['dataset']}, {s['model']}\n",
          "Natural QAT, FGSM-RS, PGD-AT, TRADES and ODG-Q trained from the same "
          + (f"float checkpoint (`{Path(s['init']).name}`, adversarial fine-tuning)" if s.get("init") else
-            "random initialisation")
+            start)
          + f" for {s['fit']['epochs']} epochs (batch {s['fit']['batch_size']}, lr {s['fit']['lr']:g}, SGD; FGSM-RS "
          f"with its onecycle schedule, the others cosine{', bf16 autocast' if s['fit'].get('bf16') else ''}) on "
          f"{s['n_train']} training images; evaluated on "
@@ -491,15 +502,12 @@ def _report(res: dict[str, Any]) -> str:
             continue
         labels = rows[0]["white_box"] + rows[0]["black_box"]
         L.append(f"## {b} bit{'s' if b > 1 else ''} (`{s['specs'][str(b)]}`), ε = {s['eps'][str(b)]:.4g}\n")
-        L.append("| recipe | clean | " + " | ".join(labels) + " | white-box mean | black-box mean | worst-ten | "
-                 "**standard** | worst-all | **cost** | cost (fastest) | cost (run) |")
-        L.append("|" + "---|" * (len(labels) + 10))
-        for r in rows:
-            L.append(f"| {RECIPE_NAMES[r['recipe']]} | {_pct(r['clean'])} | "
-                     + " | ".join(_pct(r["attacks"][k]) for k in labels)
-                     + f" | {_pct(r['white_box_mean'])} | {_pct(r['black_box_mean'])} | {_pct(r['worst_ten'])} | "
-                     f"**{_pct(r['standard'])}** | {_pct(r['worst_all'])} | **{r['epoch_time_ratio']:.2f}×** | "
-                     f"{r['epoch_time_ratio_min']:.2f}× | {r['epoch_time_ratio_run']:.2f}× |")
+        head = ["recipe", "clean", *labels, "white-box mean", "black-box mean", "worst-ten", "**standard**",
+                "worst-all", "**cost**", "cost (fastest)", "cost (run)"]
+        L += md_table(head, [[RECIPE_NAMES[r["recipe"]], _pct(r["clean"]), *(_pct(r["attacks"][k]) for k in labels),
+                              _pct(r["white_box_mean"]), _pct(r["black_box_mean"]), _pct(r["worst_ten"]),
+                              f"**{_pct(r['standard'])}**", _pct(r["worst_all"]), f"**{r['epoch_time_ratio']:.2f}×**",
+                              f"{r['epoch_time_ratio_min']:.2f}×", f"{r['epoch_time_ratio_run']:.2f}×"] for r in rows])
         flags = [f"{RECIPE_NAMES[r['recipe']]}: {', '.join(r['flags'])}" for r in rows if r["flags"]]
         L.append("\nGradient-masking diagnostics (standard suite): " + ("; ".join(flags) if flags else "none flagged")
                  + ".\n")
@@ -519,34 +527,19 @@ def _report(res: dict[str, Any]) -> str:
             if key in c:
                 v = c[key]
                 L.append(f"- **{name} — {what}**: ODG-Q {_pct(v['odgq'])}% vs {RECIPE_NAMES[ref]} {_pct(v[ref])}% "
-                         f"(gap {100 * v['gap']:+.1f} points, McNemar z = {v['z']:+.2f}; worst-all gap "
+                         f"(gap {100 * v['gap']:+.1f} points, McNemar {paired_text(v, signed=True)}; worst-all gap "
                          f"{100 * v['gap_worst_all']:+.1f}) — **{'holds' if v['holds'] else 'does not hold'}**.")
     n = s["n_eval"]
     L.append(f"\nWith {n} test samples one accuracy has a standard error of about "
-             f"{100 * math.sqrt(0.25 / n):.1f} points; paired differences are judged by McNemar's z.\n")
+             f"{100 * math.sqrt(0.25 / n):.1f} points; paired differences are judged by "
+             + ("an exact McNemar test.\n" if exact else "McNemar's z.\n"))
     L.append("![robust accuracy vs training cost](robustness_vs_cost.png)\n\n![per attack](attacks.png)\n")
     return "\n".join(L)
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    _plt().close(fig)
-    tmp.replace(path)
-
-
-def _plot_cost(res: dict[str, Any], path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+def _plot_cost(res: Mapping[str, Any]) -> Any:
+    fig = new_figure((5.5, 4))
+    ax = fig.add_subplot(1, 1, 1)
     markers = {"ce": "o", "fgsm-rs": "s", "pgd-at": "^", "trades": "v", "odgq": "*"}
     for i, b in enumerate(res["settings"]["bits"]):
         for r in (r for r in res["rows"] if r["bits"] == b):
@@ -563,13 +556,13 @@ def _plot_cost(res: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    _save(fig, path)
+    return fig
 
 
-def _plot_attacks(res: dict[str, Any], path: Path) -> None:
-    plt = _plt()
+def _plot_attacks(res: Mapping[str, Any]) -> Any:
     bits = res["settings"]["bits"]
-    fig, axes = plt.subplots(len(bits), 1, figsize=(9, 3.2 * len(bits)), squeeze=False)
+    fig = new_figure((9, 3.2 * len(bits)))
+    axes = fig.subplots(len(bits), 1, squeeze=False)
     for ax, b in zip(axes[:, 0], bits):
         rows = [r for r in res["rows"] if r["bits"] == b]
         labels = ["clean", *rows[0]["white_box"], *rows[0]["black_box"], "standard"]
@@ -584,4 +577,4 @@ def _plot_attacks(res: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
     axes[0, 0].legend(fontsize=7, ncol=5)
     fig.tight_layout()
-    _save(fig, path)
+    return fig
