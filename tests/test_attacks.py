@@ -441,7 +441,7 @@ def test_state_restored_when_the_call_raises(mlp, digits):
         ({"alpha": 0.0}, "alpha"),
         ({"alpha": -1e-3}, "alpha"),
         ({"restarts": 0}, "restarts"),
-        ({"gradients": "bpda"}, "gradients"),
+        ({"gradients": "straight-through"}, "gradients"),
         ({"seed": -1}, "seed"),
         ({"eot_samples": 0}, "eot_samples"),
         ({"loss": "hinge"}, "loss"),

@@ -291,19 +291,22 @@ def test_quantized_suite_uses_ste_surrogate_black_box_and_transfer(w2a2_model, f
     small = {"n_iter": 3, "n_target_classes": 2}
     r = evaluate(w2a2_model, test_xy, suite="quantized", eps=EPS, n=32, n_queries=30, parent=float_model,
                  diagnostic_n=32, attack_kwargs={"apgd-ce[ste]": {"n_iter": 3}, "apgd-t[ste]": small,
-                                                 "apgd-ce[surrogate]": {"n_iter": 3}, "apgd-t[surrogate]": small,
+                                                 "apgd-ce[bpda]": {"n_iter": 3}, "apgd-ce[surrogate]": {"n_iter": 3},
+                                                 "apgd-t[surrogate]": small,
                                                  "spsa": {"steps": 2, "nb_samples": 8}})
     atk = {a.label: a for a in r.result().attacks}
-    assert list(atk) == ["apgd-ce[ste]", "apgd-t[ste]", "apgd-ce[surrogate]", "apgd-t[surrogate]", "square",
-                         "spsa", "transfer-pgd-20[parent]"]
+    assert list(atk) == ["apgd-ce[ste]", "apgd-t[ste]", "apgd-ce[bpda]", "apgd-ce[surrogate]", "apgd-t[surrogate]",
+                         "square", "spsa", "transfer-pgd-20[parent]"]
     assert atk["apgd-ce[ste]"].gradients == "ste" and atk["apgd-ce[surrogate]"].gradients == "surrogate"
+    assert atk["apgd-ce[bpda]"].gradients == "bpda"
     assert all(atk[k].black_box for k in ("square", "spsa", "transfer-pgd-20[parent]"))
     assert r.parent == "digits_cnn" and atk["transfer-pgd-20[parent]"].settings["source"] == "digits_cnn"
     zero = next(d for d in r.diagnostics if d.name == "zero_gradients")
     assert {"masked_fraction_ste", "masked_fraction_surrogate"} <= set(zero.numbers)
     no_parent = evaluate(w2a2_model, test_xy, suite="quantized", eps=EPS, n=8, n_queries=5, diagnostics=False,
                          attack_kwargs={"apgd-ce[ste]": {"n_iter": 2}, "apgd-t[ste]": small,
-                                        "apgd-ce[surrogate]": {"n_iter": 2}, "apgd-t[surrogate]": small,
+                                        "apgd-ce[bpda]": {"n_iter": 2}, "apgd-ce[surrogate]": {"n_iter": 2},
+                                        "apgd-t[surrogate]": small,
                                         "spsa": {"steps": 1, "nb_samples": 4}})
     assert "transfer" not in " ".join(a.label for a in no_parent.result().attacks)
     assert "skipped" in no_parent.settings["transfer"]

@@ -85,10 +85,12 @@ def test_torchattacks_object_runs_with_straight_through_gradients(digits_w4):
     q, x, y = digits_w4
     ref = torchattacks.PGD(q, eps=0.1, alpha=0.025, steps=10)
     rep = qrobust.evaluate(q, (x, y), eps=0.1, suite=[ref], diagnostics=False)
-    # inside qrobust it gets gradients through every quantizer, like our own PGD at the same settings
+    # inside qrobust it gets the straight-through estimators through every quantizer (not rounding's zeros),
+    # so it breaks points; ours at the same settings is at least as strong (it also falls back to BPDA where
+    # the estimator's gradient is all zero)
     ours = _acc(q, PGD(q, eps=0.1, alpha=0.025, steps=10, seed=0)(x, y), y)
-    assert rep.result().attack("pgd").robust_accuracy < rep.clean_accuracy
-    assert abs(rep.robust_accuracy - ours) <= 3 / 64
+    assert rep.result().attack("pgd").robust_accuracy < rep.clean_accuracy - 0.2
+    assert ours <= rep.robust_accuracy + 1 / 64
 
 
 def test_torchattacks_argument_names(digits_w4):

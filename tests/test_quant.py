@@ -413,7 +413,7 @@ def test_property_symmetric_weight_codes_and_idempotence(x, bits, per_channel):
     q = UniformWeightQuantizer(bits, per_channel=per_channel)
     y = q(w)
     m = w.abs().max()
-    if m > 0:
+    if m / qmax >= torch.finfo(torch.float32).tiny:  # a subnormal reference step is itself inexact
         codes = y / (m / qmax)
         torch.testing.assert_close(codes, torch.round(codes), rtol=0, atol=1e-4)
         assert codes.abs().max() <= qmax + 1e-4
@@ -597,8 +597,9 @@ def test_every_quantizer_class_has_a_doctest():
 
 
 def test_bpda_mode_backpropagates_like_the_float_activation():
-    """Attack-time "ste" is BPDA: above the clip level α a ReLU-kind QuantAct passes gradient 1 (ReLU's),
-    where the training estimator passes 0 and native autograd passes 0 everywhere."""
+    """BPDA: above the clip level α a ReLU-kind QuantAct passes gradient 1 (ReLU's), where the training
+    estimator (an attack's "ste", with BPDA only for samples it leaves all zero) passes 0 and native autograd
+    passes 0 everywhere."""
     from qrobust.quant import QuantAct, attack_mode, gradient_mode
 
     act = QuantAct(2, clip=1.0, kind="relu")
@@ -614,7 +615,7 @@ def test_bpda_mode_backpropagates_like_the_float_activation():
     assert grads["estimator"] == [0.0, 1.0, 1.0, 0.0]
     assert grads["native"] == [0.0, 0.0, 0.0, 0.0]
     assert grads["bpda"] == [0.0, 1.0, 1.0, 1.0]
-    assert attack_mode("ste") == "bpda" and attack_mode("native") == "native"
+    assert attack_mode("ste") == "estimator" and attack_mode("bpda") == "bpda" and attack_mode("native") == "native"
     six = QuantAct(2, kind="relu6")
     x6 = torch.tensor([3.0, 7.0], requires_grad=True)
     with gradient_mode("bpda"):

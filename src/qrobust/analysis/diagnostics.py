@@ -40,7 +40,7 @@ from torch import nn
 
 from qrobust.attacks.base import GRADIENTS
 from qrobust.errors import ConfigError, InputError
-from qrobust.quant.modes import attack_mode, gradient_mode, quantization_disabled
+from qrobust.quant.modes import STE_FALLBACK, attack_mode, gradient_mode, quant_modules, quantization_disabled
 from qrobust.utils import eval_mode
 from qrobust.validation import check_choice
 
@@ -154,8 +154,10 @@ def input_gradients(
 ) -> torch.Tensor:
     """∇ₓ of the summed cross-entropy of ``model`` at ``(x, y)`` (eval mode) in a gradient mode.
 
-    ``gradients``: ``"ste"`` (straight-through through every quantizer), ``"native"`` (literal autograd)
-    or ``"surrogate"`` (``surrogate`` if given, else ``model`` with its quantizers disabled). Returns a
+    ``gradients``: as an attack takes them (:func:`qrobust.quant.attack_mode`): ``"ste"`` (the trained
+    straight-through estimators, and BPDA for a sample they leave all zero — what the attacks use),
+    ``"bpda"``, ``"native"`` (literal autograd) or ``"surrogate"`` (``surrogate`` if given, else ``model``
+    with its quantizers disabled). Returns a
     tensor like ``x`` (on ``x``'s device); zeros when the output does not depend on ``x`` differentiably
     (e.g. a model that detaches its input). Non-finite entries are kept, so they can be counted.
     """
@@ -184,7 +186,12 @@ def input_gradients(
         (g,) = torch.autograd.grad(loss, xg, allow_unused=True)
     if g is None:
         return torch.zeros_like(x)
-    return g.detach().to(x.device)
+    g = g.detach()
+    zero = g.reshape(g.shape[0], -1).abs().amax(dim=1) == 0
+    if gradients == "ste" and bool(zero.any()) and quant_modules(model):  # the attacks' fallback, the same rule
+        g[zero] = input_gradients(model, x[zero.to(x.device)], y[zero.to(y.device)], gradients=STE_FALLBACK
+                                  ).to(g.device)
+    return g.to(x.device)
 
 
 @contextmanager

@@ -20,8 +20,10 @@ An attack is built once with its hyperparameters (keyword-only) and then called 
 * **the threat model** — every output passes through :func:`project` (ε-ball in the attack's norm, then
   [0, 1]) against the caller's own ``x`` in the caller's dtype, so ``lp_norm(x_adv − x) ≤ ε`` holds by
   construction whatever a subclass does; non-finite outputs are replaced by ``x``;
-* **gradients** — ``gradients="ste"`` (straight-through through every quantizer, the honest default),
-  ``"native"`` (literal autograd: zero almost everywhere through rounding) or ``"surrogate"`` (gradients of
+* **gradients** — ``gradients="ste"`` (the default: the quantizers' straight-through estimators as trained,
+  and BPDA for a sample whose gradient they leave all zero — see :func:`qrobust.quant.attack_mode`),
+  ``"bpda"`` (every quantizer, clipping included, is the identity backward), ``"native"`` (literal
+  autograd: zero almost everywhere through rounding) or ``"surrogate"`` (gradients of
   ``surrogate`` if given, else of the same model inside :func:`qrobust.quant.quantization_disabled`; success
   and losses are always measured on the real model); ``eot_samples`` averages gradients over several
   forward passes for randomized models (Expectation over Transformation);
@@ -54,14 +56,14 @@ import torch
 from torch import nn
 
 from qrobust.errors import ConfigError, InputError
-from qrobust.quant.modes import attack_mode, gradient_mode, quant_modules, quantization_disabled
+from qrobust.quant.modes import STE_FALLBACK, attack_mode, gradient_mode, quant_modules, quantization_disabled
 from qrobust.utils import model_device_dtype
 from qrobust.validation import check_choice, check_eps, check_int
 
 log = logging.getLogger(__name__)
 
 NORMS = ("Linf", "L2")
-GRADIENTS = ("ste", "native", "surrogate")
+GRADIENTS = ("ste", "bpda", "native", "surrogate")
 TARGET_MODES = ("random", "least-likely")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -321,7 +323,8 @@ class Attack(ABC):
         stats = {"forward_passes": 0, "forward_samples": 0, "gradients": 0, "zero_gradients": 0,
                  "nan_gradients": 0}
 
-        if self.gradients == "surrogate" and self.surrogate is None and not quant_modules(self.model):
+        self._quantized = bool(quant_modules(self.model))
+        if self.gradients == "surrogate" and self.surrogate is None and not self._quantized:
             log.warning("gradients='surrogate' on a model without quantizers: its surrogate is itself")
         with self._models_prepared(), torch.enable_grad(), self._gradient_context():
             self._state = _CallState(gen, device, dtype, False, yd, torch.ones(0), torch.ones(0), stats)
@@ -467,6 +470,17 @@ class Attack(ABC):
             grad += g
             loss_sum = loss if loss_sum is None else loss_sum + loss
             logits_sum = logits if logits_sum is None else logits_sum + logits
+        if self.gradients == "ste" and self._quantized:
+            # the clipped estimator is zero where every path saturates: those samples take BPDA's gradient
+            zero = grad.reshape(grad.shape[0], -1).abs().amax(dim=1) == 0
+            if bool(zero.any()):
+                st.stats["bpda_fallbacks"] = st.stats.get("bpda_fallbacks", 0) + int(zero.sum())
+                with gradient_mode(STE_FALLBACK):
+                    g2 = torch.zeros_like(x_adv[zero])
+                    for _ in range(self.eot_samples):
+                        xz = x_adv[zero].clone().requires_grad_(True)
+                        g2 += self._grad(loss_fn(self._forward(self.model, xz), y[zero]), xz)
+                grad[zero] = g2
         st.stats["gradients"] += x_adv.shape[0]
         st.stats["zero_gradients"] += int((grad.reshape(grad.shape[0], -1).abs().amax(dim=1) == 0).sum())
         n = float(self.eot_samples)

@@ -98,6 +98,9 @@ def _named_suite(
         return [*standard, square]
     entries = [dataclasses.replace(e, label=f"{e.label}[ste]", kwargs={**e.kwargs, "gradients": "ste"})
                for e in standard]
+    # neither straight-through estimator is stronger everywhere: BPDA too (qrobust.quant.attack_mode)
+    entries.append(dataclasses.replace(standard[0], label="apgd-ce[bpda]",
+                                       kwargs={**standard[0].kwargs, "gradients": "bpda"}))
     entries += [dataclasses.replace(e, label=f"{e.label}[surrogate]",
                                     kwargs={**e.kwargs, "gradients": "surrogate"}) for e in standard]
     entries.append(square)
