@@ -141,7 +141,7 @@ def test_report_fields_and_json_round_trip(quick_report, float_model, test_xy, t
     assert RobustnessReport.from_dict(d) == r
 
     paths = r.save(tmp_path)
-    assert {p.name for p in paths.values()} == {"report.json", "report.md", "accuracy_vs_eps.png"}
+    assert {p.name for p in paths.values()} == {"report.json", "report.md", "accuracy_by_attack.png"}  # one ε
     assert RobustnessReport.load(tmp_path) == r
     with pytest.raises(InputError):
         RobustnessReport.load(tmp_path / "missing")
@@ -214,8 +214,8 @@ def test_markdown_puts_diagnostics_near_the_top_and_png_is_written(quick_report,
     assert diag < 15 and diag < lines.index("## Attacks")
     for title in CHECKS.values():
         assert title in md
-    assert "![accuracy vs ε](accuracy_vs_eps.png)" in md
-    png = (tmp_path / "accuracy_vs_eps.png").read_bytes()
+    assert "![robust accuracy by attack](accuracy_by_attack.png)" in md  # one ε: a bar chart, named for it
+    png = (tmp_path / "accuracy_by_attack.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert quick_report.markdown() == md
 

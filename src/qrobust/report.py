@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-ACCURACY_PNG = "accuracy_vs_eps.png"
+ACCURACY_PNG = "accuracy_vs_eps.png"  # an ε sweep: accuracy against ε
+BY_ATTACK_PNG = "accuracy_by_attack.png"  # one ε: a bar per attack
 EXAMPLES_NAME = "adversarial_examples"
 
 
@@ -45,14 +46,21 @@ def _as_dict(report: Any) -> dict[str, Any]:
     raise InputError(f"expected a RobustnessReport or its dict, got {type(report).__name__}")
 
 
+def plot_name(report: Any) -> str:
+    """The plot's file name says what it shows: ``accuracy_vs_eps.png`` for an ε sweep,
+    ``accuracy_by_attack.png`` for a single ε (a bar per attack)."""
+    return ACCURACY_PNG if len(_as_dict(report).get("results", [])) > 1 else BY_ATTACK_PNG
+
+
 def save_report(report: Any, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``accuracy_vs_eps.png`` into ``out_dir`` (created)."""
+    """Write ``report.json``, ``report.md`` and the plot (:func:`plot_name`) into ``out_dir`` (created)."""
     data = _as_dict(report)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": atomic_write_text(out / REPORT_JSON, json.dumps(data, indent=2, allow_nan=False) + "\n")}
-    paths["plot"] = plot_accuracy(data, out / ACCURACY_PNG)
-    paths["markdown"] = atomic_write_text(out / REPORT_MD, render_markdown(data, plot=ACCURACY_PNG))
+    name = plot_name(data)
+    paths["plot"] = plot_accuracy(data, out / name)
+    paths["markdown"] = atomic_write_text(out / REPORT_MD, render_markdown(data, plot=name))
     return paths
 
 
@@ -79,9 +87,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def render_markdown(report: Any, *, plot: str | None = ACCURACY_PNG) -> str:
-    """The report as Markdown: headline, **Diagnostics** (right after it), per-ε attack tables, settings."""
+def render_markdown(report: Any, *, plot: str | None = "auto") -> str:
+    """The report as Markdown: headline, **Diagnostics** (right after it), per-ε attack tables, settings.
+    ``plot``: the figure's file name to link (``"auto"``: :func:`plot_name`; ``None``: no figure)."""
     d = _as_dict(report)
+    if plot == "auto":
+        plot = plot_name(d)
     norm = d.get("threat_model", "Linf")
     results = d.get("results", [])
     diags = d.get("diagnostics", [])
@@ -141,7 +152,8 @@ def render_markdown(report: Any, *, plot: str | None = ACCURACY_PNG) -> str:
                          f"not attacked again.")
         lines.append("")
     if plot:
-        lines += [f"![accuracy vs ε]({plot})", ""]
+        alt = "robust accuracy by attack" if plot == BY_ATTACK_PNG else "accuracy vs ε"
+        lines += [f"![{alt}]({plot})", ""]
 
     lines += ["## Attack settings", ""]
     per_label: dict[str, list[dict[str, Any]]] = {}

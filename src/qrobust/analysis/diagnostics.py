@@ -53,6 +53,18 @@ CHECKS: dict[str, str] = {
     "not_converged": "More attack steps still lower accuracy",
 }
 
+#: what a raised flag means for the robust accuracy reported beside it (for reports that summarise flags)
+MEANING: dict[str, str] = {
+    "zero_gradients": "gradient attacks could not move some samples, so their robust accuracy is no evidence "
+                      "of robustness",
+    "single_step_beats_iterative": "the iterative attack is misled by the loss surface; its numbers overstate "
+                                   "robustness",
+    "black_box_beats_white_box": "a black-box attack found adversarials the gradient attacks missed: the "
+                                 "white-box numbers alone would overstate robustness (the worst case includes it)",
+    "not_zero_at_large_eps": "the attacks fail even at a huge ε, a classic sign of gradient masking",
+    "not_converged": "more attack steps still lowered accuracy: the numbers are upper bounds (use more steps)",
+}
+
 DEFAULT_TOL = 0.01
 NO_BLACK_BOX = "the suite has no black-box attack (add Square, e.g. the 'standard' suite)"
 DEFAULT_LARGE_EPS_MAX_ACC = 0.10

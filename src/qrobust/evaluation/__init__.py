@@ -8,7 +8,7 @@ named suites, custom lists, building an attack for an ε from what its class dec
 
 >>> report = evaluate(model, test_set, suite="quick", eps=8/255, n=1000)       # doctest: +SKIP
 >>> report.clean_accuracy, report.robust_accuracy                               # doctest: +SKIP
->>> report.save("runs/eval")          # report.json, report.md, accuracy_vs_eps.png   # doctest: +SKIP
+>>> report.save("runs/eval")          # report.json, report.md, the accuracy plot   # doctest: +SKIP
 
 **How the attacks are run.** Like AutoAttack's standard evaluation, the attacks of a suite run in order and
 each attacks only the samples no earlier attack has broken, so the worst case over many attacks costs

@@ -27,16 +27,21 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]
 
 
 def demo_table(results: dict[str, Any]) -> str:
-    """Clean, FGSM/PGD per ε and the per-sample worst case at the main ε for every model of the study."""
+    """Clean, FGSM/PGD per ε and the per-sample worst case at the main ε for every model of the study, in %
+    — the same numbers as the report's table (the worst case includes the confirmation suite)."""
     models = results["models"]
     eps = sorted(models[0]["pgd"], key=float)
     main = results["settings"].get("main_eps")
-    head = ["model", "clean"] + [f"FGSM {e}" for e in eps] + [f"PGD {e}" for e in eps] + [f"worst {main}", "flags"]
+
+    def pct(v: Any) -> str:
+        return "—" if v is None else f"{100 * v:.1f}"
+
+    head = (["model", "clean %"] + [f"FGSM {float(e):g} %" for e in eps] + [f"PGD {float(e):g} %" for e in eps]
+            + [f"worst case {main:g} %" if main is not None else "worst case %", "flags"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
-        worst = m["worst"].get(str(main), m["worst"].get(main)) if main is not None else None
         flags = ", ".join(m.get("confirm", {}).get("flags", [])) or "none"
-        cells = [m["label"], f"{m['clean']:.3f}"] + [f"{m['fgsm'][e]:.3f}" for e in eps] + \
-            [f"{m['pgd'][e]:.3f}" for e in eps] + [f"{worst:.3f}" if worst is not None else "—", flags]
+        cells = [m["label"], pct(m["clean"])] + [pct(m["fgsm"][e]) for e in eps] + \
+            [pct(m["pgd"][e]) for e in eps] + [pct(m.get("robust_main")), flags]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

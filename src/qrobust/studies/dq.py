@@ -69,6 +69,7 @@ from qrobust.analysis.amplification import (
     amplification_sweep,
     plot_amplification,
 )
+from qrobust.analysis.diagnostics import MEANING
 from qrobust.analysis.lipschitz import lipschitz_table
 from qrobust.attacks import PGD
 from qrobust.data import load_dataset
@@ -845,8 +846,8 @@ def _claims(records: list[dict], masks: dict[int, torch.Tensor], *, modes: list[
         "flags": [{"model": m, "flag": fl} for m, fl in flagged],
         "dq_gains_vanishing_under_full_suite": vanished,
         "verdict": "no gradient-masking flag raised" if not flagged else
-        f"{len(flagged)} flag(s) on {len({m for m, _ in flagged})} model(s): the white-box attacks alone would "
-        "overstate these models' robustness; the worst-case numbers include the attacks that caught it",
+        f"{len(flagged)} flag(s) on {len({m for m, _ in flagged})} model(s): " + "; ".join(
+            f"{fl} — {MEANING.get(fl, 'see the model report')}" for fl in dict.fromkeys(f for _, f in flagged)),
     }
     ratio = timing["ratio_median"]
     claims["cost"] = {"claim": f"a DQ epoch costs ≤ {COST_LIMIT:.2f}× a vanilla QAT epoch", "ratio": ratio,
@@ -898,8 +899,13 @@ def _vs_bits_figures(records: list[dict], *, bits: list[int], betas: list[float]
             ax.set_xticks(range(len(bits)), [str(b) if b != 32 else "32 (float)" for b in bits])
             ax.set_xlabel("activation bits" if mode == "act-only" else "weight and activation bits")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{'w32a{b}' if mode == 'act-only' else 'w{b}a{b}'}")
-            ax.set_ylim(0, 1)
+            ax.set_title("activations quantized, weights float (w32aB)" if mode == "act-only"
+                         else "weights and activations quantized (wBaB)", fontsize=9)
+            seen = [v for line in ax.get_lines() for v in line.get_ydata()]
+            if seen:  # the axis follows the data, so differences of a point or two are visible
+                lo, hi = min(seen), max(seen)
+                pad = max(0.02, 0.08 * (hi - lo))
+                ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
