@@ -5,6 +5,7 @@ Importing the package imports every built-in objective's module, so each is regi
 """
 
 from qrobust.defenses.adversarial import AdversarialObjective, FgsmRS, PgdAT, Trades
+from qrobust.defenses.ensemble import Ensemble, adaptive_suite
 from qrobust.defenses.guards import OverfitGuard, co_detected
 from qrobust.defenses.objectives import (
     OBJECTIVES,
@@ -24,6 +25,7 @@ __all__ = [
     "OBJECTIVES",
     "AdversarialObjective",
     "CrossEntropy",
+    "Ensemble",
     "FgsmRS",
     "FunctionObjective",
     "Objective",
@@ -33,6 +35,7 @@ __all__ = [
     "PgdAT",
     "Sum",
     "Trades",
+    "adaptive_suite",
     "as_objective",
     "co_detected",
     "dq_objective",
