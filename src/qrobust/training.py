@@ -16,7 +16,13 @@ A run folder (``out=``) holds::
     final.safetensors            the trained weights (what ``qrobust.load(out)`` returns)
 
 ``resume=True`` continues from the newest readable epoch checkpoint and ends with the same number of
-epochs and a complete ``metrics.jsonl`` as an uninterrupted run.
+epochs and a complete ``metrics.jsonl`` as an uninterrupted run; a call whose settings differ from the run's
+(architecture, quantization, fit settings other than ``keep_checkpoints``/``eval_batch_size``, objective,
+metadata) is refused with the differences named, before anything is rewritten. Epoch checkpoints are ordered
+by their number (``checkpoint.epoch_checkpoints``), and ``keep_checkpoints=N`` keeps the newest N.
+
+Before the objective's loss can fail deep inside torch, labels are checked against the model's outputs (the
+first forward tells how many); a NaN or infinite loss stops the run with :class:`TrainingDiverged`.
 
 Under ``torchrun --nproc_per_node=N`` the same call trains with DistributedDataParallel (gloo on CPU,
 nccl on GPU); only rank 0 writes files. A process group that ``fit`` opened, ``fit`` also closes: at
