@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +109,25 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- reading
+_EPOCH_FILE = re.compile(r"epoch_(\d+)\.safetensors")
+
+
+def epoch_checkpoints(run: str | os.PathLike) -> list[Path]:
+    """The epoch checkpoints of a run folder (``checkpoints/epoch_N.safetensors``), oldest first, ordered by
+    their epoch number (``epoch_1000`` after ``epoch_999``, which a text sort gets wrong)."""
+    folder = Path(run) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in folder.glob("epoch_*.safetensors")
+             if (m := _EPOCH_FILE.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file, or a run folder (its ``final.safetensors``, else its newest epoch checkpoint)."""
     p = Path(path)
     if p.is_dir():
         if (p / FINAL_NAME).is_file():
             return p / FINAL_NAME
-        epochs = sorted((p / "checkpoints").glob("epoch_*.safetensors"))
+        epochs = epoch_checkpoints(p)
         if epochs:
             return epochs[-1]
         raise CheckpointError(

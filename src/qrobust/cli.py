@@ -1,6 +1,10 @@
 """The ``qrobust`` command: a thin shell over the library's public functions.
 
 Usage errors exit 2 with one line on stderr; a missing or corrupt dataset/checkpoint exits 1 with one line.
+The command never does something other than asked without saying so: flags that contradict each other (or a
+run being resumed) are refused, ε defaults to the dataset's customary threat model (:data:`DEFAULT_EPS`) and
+every run states the ε it uses, ``--out`` is checked for writability before any work, ``--seed`` makes a
+training bit-for-bit reproducible, and ``qrobust eval`` records its progress so that ``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ import argparse
 import inspect
 import json
 import logging
+import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,7 @@ from qrobust.analysis.lipschitz import format_lipschitz_table, lipschitz_table
 from qrobust.attacks import ATTACKS, make_attack
 from qrobust.data import available_datasets, load_dataset
 from qrobust.defenses import OverfitGuard, make_objective
-from qrobust.errors import ConfigError, QrobustError
+from qrobust.errors import ConfigError, InputError, QrobustError
 from qrobust.evaluation import evaluate
 from qrobust.models import build_model
 from qrobust.quant import QuantSpec, describe, format_description, quantize
@@ -39,6 +45,7 @@ from qrobust.studies.harness import (
     study_of,
 )
 from qrobust.training import FitConfig, close_process_group, fit
+from qrobust.utils import seed_everything
 
 log = logging.getLogger("qrobust")
 
@@ -52,7 +59,98 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
+#: the customary threat model of each dataset — the ε of its robustness literature and leaderboards (L∞: MNIST
+#: 0.3 as in Madry et al., Fashion-MNIST 0.1, CIFAR-10/SVHN 8/255; the 8×8 digits 0.1; L2: MNIST 2, CIFAR-10
+#: 0.5 as in RobustBench). What ``train``'s adversarial objectives, ``eval`` and ``attack`` use without an ε;
+#: a dataset without an entry needs the ε given.
+DEFAULT_EPS: dict[str, dict[str, float]] = {
+    "Linf": {"digits": 0.1, "mnist": 0.3, "fashion-mnist": 0.1, "cifar10": 8 / 255, "svhn": 8 / 255},
+    "L2": {"mnist": 2.0, "cifar10": 0.5},
+}
+
+#: epoch checkpoints ``qrobust train`` keeps unless ``--keep-checkpoints`` says otherwise
+KEEP_CHECKPOINTS = 3
+
+EPS_RULE = (
+    "a plain number is on the 0–255 pixel scale (8 = 8/255; values between 0 and 1 are refused as ambiguous), "
+    "a fraction with a slash is ε itself (8/255, 0.3/1)"
+)
+
+
 # ------------------------------------------------------------------------------------------- helpers
+def _positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (``--n 0`` is a usage error, not an empty run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {value}")
+    return value
+
+
+def eps_text(eps: float, norm: str = "Linf") -> str:
+    """``8/255 (0.0314)`` for L∞, ``0.5`` for L2: how the CLI states the ε it uses."""
+    if norm != "Linf":
+        return f"{eps:g}"
+    return f"{eps * 255:.4g}/255 ({eps:.4g})"
+
+
+def default_eps(dataset: str, norm: str, flag: str) -> float:
+    """The customary ε of ``dataset`` under ``norm`` (:data:`DEFAULT_EPS`); a usage error where there is none."""
+    eps = DEFAULT_EPS.get(norm, {}).get(dataset)
+    if eps is None:
+        example = f"{flag} 8 for 8/255" if norm == "Linf" else f"{flag} 0.5"
+        raise UsageError(f"qrobust: {dataset} has no customary {norm} ε: pass {flag} (e.g. {example})")
+    return eps
+
+
+def check_out(path: Path, flag: str = "--out") -> Path:
+    """Before any work: ``path`` must be a folder, or a place where one can be made, that this process can write."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"qrobust: {flag} {path} is a file: give a folder (it is created if missing)")
+    base = path
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise UsageError(f"qrobust: {flag} {path} cannot be created: {base} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise UsageError(f"qrobust: {flag} {path} is not writable ({e.strerror or e}): choose another folder") from e
+    return path
+
+
+def check_model_fits(model: Any, info: Any, what: str) -> None:
+    """A checkpoint's input shape and class count must fit the dataset's, else one line before any work."""
+    kw = (getattr(model, "qrobust_arch", None) or {}).get("kwargs", {})
+    shape = tuple(info.input_shape) if getattr(info, "input_shape", None) else None
+    c, size = kw.get("in_channels"), kw.get("input_size")
+    if shape and ((c is not None and c != shape[0]) or (size is not None and size != shape[1])):
+        trained = (getattr(model, "qrobust_meta", {}).get("metadata") or {}).get("dataset")
+        hint = f" (--dataset {trained})" if trained else ""
+        raise InputError(
+            f"{what} takes {c}×{size}×{size} images but {info.name} images are "
+            f"{'×'.join(map(str, shape))}: use it on the dataset it was trained on{hint}"
+        )
+    classes = kw.get("num_classes")
+    if classes is not None and info.num_classes is not None and info.num_classes > classes:
+        raise InputError(f"{what} has {classes} outputs but {info.name} has {info.num_classes} classes: use a "
+                         f"model made for {info.name}")
+
+
 def parse_bits(text: str) -> str:
     """``"4"`` → ``"w4a4"``; ``"w4a4"``/``"w1a32"``/``"32"`` pass through (validated by QuantSpec)."""
     t = text.strip().lower()
@@ -95,6 +193,13 @@ def build_for_data(args: argparse.Namespace, train_ds) -> Any:
         model = checkpoint.load(args.init).train()
         if spec is not None and getattr(model, "qrobust_spec", None):
             raise ConfigError(f"--init {args.init} is already quantized; fine-tune from a float checkpoint")
+        arch = getattr(model, "qrobust_arch", None) or {}
+        for flag, asked, own in (("--model", args.model, arch.get("name")),
+                                 ("--activation", args.activation, arch.get("kwargs", {}).get("activation"))):
+            if asked is not None and own is not None and asked != own:
+                raise UsageError(f"qrobust: --init {args.init} is a {own} checkpoint ({flag} {own}) and sets the "
+                                 f"architecture: drop {flag} {asked}, or train a {asked} from scratch without --init")
+        check_model_fits(model, train_ds.info, f"--init {args.init}")
     else:
         info = train_ds.info
         model = build_model(
@@ -102,7 +207,7 @@ def build_for_data(args: argparse.Namespace, train_ds) -> Any:
             num_classes=info.num_classes,
             in_channels=info.input_shape[0],
             input_size=info.input_shape[1],
-            activation=args.activation,
+            activation=args.activation or "relu",
             mean=list(info.mean),
             std=list(info.std),
         )
@@ -127,25 +232,57 @@ def _add_data_args(p: argparse.ArgumentParser, *, default: str | None = "digits"
 
 
 # ------------------------------------------------------------------------------------------- commands
-def cmd_train(args: argparse.Namespace) -> int:
-    train_ds = load_data(args, "train")
-    test_ds = load_data(args, "test")
-    model = build_for_data(args, train_ds)
-    options = {}
-    if args.objective_options:
-        try:
-            options = json.loads(args.objective_options)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--objective-options must be JSON, e.g. '{{\"label_smoothing\": 0.1}}': {e}") from e
+def _objective_eps(objective: Any) -> float | None:
+    """The training ε of an adversarial objective (also as the base of a sum such as dq's); None otherwise."""
+    for o in (objective, getattr(objective, "main", None)):
+        eps = getattr(o, "eps", None)
+        if isinstance(eps, float):
+            return eps
+    return None
+
+
+def make_train_objective(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The objective ``--objective`` names with its options — flags and ``--objective-options`` must agree —
+    trained at ``--train-eps`` or, for an adversarial objective, at the dataset's customary ε; plus what the
+    run records about that ε."""
+    options = _json_option(args.objective_options, "--objective-options")
     flags = {
         "beta": args.beta,
         "base": args.base,
         "steps": args.train_steps,
-        "eps": None if args.train_eps is None else args.train_eps / 255,
-        "alpha": None if args.train_alpha is None else args.train_alpha / 255,
+        "eps": None if args.train_eps is None else parse_eps(args.train_eps, "Linf", "--train-eps", one=True),
+        "alpha": None if args.train_alpha is None else parse_eps(args.train_alpha, "Linf", "--train-alpha", one=True),
     }
-    options = {**{k: v for k, v in flags.items() if v is not None}, **options}  # explicit JSON options win
+    names = {"beta": "--beta", "base": "--base", "steps": "--train-steps", "eps": "--train-eps",
+             "alpha": "--train-alpha"}
+    for k, v in flags.items():
+        if v is not None and k in options and options[k] != v:
+            raise UsageError(f"qrobust: {names[k]} and --objective-options set {k} to different values ({v!r} vs "
+                             f"{options[k]!r}): give it once")
+    options = {**{k: v for k, v in flags.items() if v is not None}, **options}
     objective = make_objective(args.objective, **options)
+    eps = _objective_eps(objective)
+    if eps is None:
+        return objective, {}
+    if "eps" in options:
+        source = "--train-eps" if flags["eps"] is not None else "--objective-options"
+    else:
+        eps = default_eps(args.dataset, "Linf", "--train-eps")
+        objective = make_objective(args.objective, **options, eps=eps)
+        source = f"the customary L∞ ε of {args.dataset}"
+    log.info("training at ε = %s (L∞), %s", eps_text(eps), source)
+    return objective, {"train_eps": eps, "train_eps_source": source}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    objective, eps_meta = make_train_objective(args)  # its settings are checked before any data is read
+    if args.out:
+        check_out(Path(args.out))
+    train_ds = load_data(args, "train")
+    test_ds = load_data(args, "test")
+    seed_everything(args.seed)  # before the model is built: its initial weights come from the seed too
+    model = build_for_data(args, train_ds)
+    out = check_out(Path(args.out or f"runs/{args.dataset}-{model.qrobust_arch['name']}-{args.bits or 'float'}"))
     cfg = FitConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -158,15 +295,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         channels_last=args.channels_last,
         max_batches=args.max_batches,
+        keep_checkpoints=args.keep_checkpoints or None,
         augment=False if args.no_augment else None,
         warmup_epochs=args.warmup_epochs,
     )
-    out = Path(args.out or f"runs/{args.dataset}-{model.qrobust_arch['name']}-{args.bits or 'float'}")
     callbacks = []
     if args.co_guard:
-        callbacks.append(
-            OverfitGuard(test_ds, eps=getattr(objective, "eps", 8 / 255), action=args.co_guard, seed=args.seed)
-        )
+        guard_eps = eps_meta.get("train_eps") or default_eps(args.dataset, "Linf", "--train-eps")
+        callbacks.append(OverfitGuard(test_ds, eps=guard_eps, action=args.co_guard, seed=args.seed))
     result = fit(
         model,
         train_ds,
@@ -175,7 +311,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config=cfg,
         out=out,
         resume=args.resume,
-        metadata={"dataset": args.dataset, "init": args.init, "n_train": len(train_ds)},
+        metadata={"dataset": args.dataset, "init": args.init, "n_train": len(train_ds), **eps_meta},
         callbacks=callbacks,
     )
     last = result.history[-1] if result.history else {}
@@ -199,25 +335,67 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(out=Path(args.out), quick=args.quick, seed=args.seed)
+    run_demo(out=check_out(Path(args.out)), quick=args.quick, seed=args.seed)
     return 0
 
 
-def parse_eps(text: str, norm: str) -> list[float]:
-    """``--eps``: comma-separated; for L∞ on the 0–255 pixel scale (``8`` → 8/255), for L2 the norm itself
-    in [0, 1]-pixel space (``0.5``)."""
+def _eps_value(part: str, flag: str) -> tuple[float, bool]:
+    """One ``--eps`` item → (number, whether it was written as a fraction ``a/b``)."""
+    num, slash, den = part.partition("/")
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise UsageError(f"qrobust: --eps must be numbers separated by commas, got {text!r}") from e
-    if not values:
-        raise UsageError("qrobust: --eps needs at least one value")
-    if norm == "Linf":
-        bad = [v for v in values if not 0 <= v <= 255]
-        if bad:
-            raise UsageError(f"qrobust: --eps for L∞ is on the 0–255 pixel scale, got {bad} (e.g. --eps 8 for 8/255)")
-        return [v / 255 for v in values]
+        value = float(num) / float(den) if slash else float(part)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"qrobust: {flag} must be numbers separated by commas (8, 8/255), got {part!r}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"qrobust: {flag} must be finite numbers, got {part!r}")
+    return value, bool(slash)
+
+
+def parse_eps(text: str, norm: str, flag: str = "--eps", *, one: bool = False) -> Any:
+    """``--eps``, comma-separated for a sweep. L∞: a plain number is on the 0–255 pixel scale (``8`` → 8/255),
+    a fraction with a slash is ε itself (``8/255``, ``0.3/1``); a plain number strictly between 0 and 1 is
+    refused — ``0.1`` could mean 0.1/255 or 0.1. L2: the norm itself in [0, 1]-pixel space (``0.5``, ``128/255``).
+    ``one=True``: exactly one value, returned as a float."""
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    if not parts:
+        raise UsageError(f"qrobust: {flag} needs at least one value")
+    values = []
+    for part in parts:
+        v, fraction = _eps_value(part, flag)
+        if v < 0:
+            raise UsageError(f"qrobust: {flag} must be ≥ 0, got {part}")
+        if norm == "Linf" and fraction:
+            if v > 1:
+                raise UsageError(f"qrobust: {flag} {part} = {v:g} exceeds 1, the whole [0, 1] pixel range")
+        elif norm == "Linf":
+            if v > 255:
+                raise UsageError(f"qrobust: {flag} for L∞ is on the 0–255 pixel scale, got {part} "
+                                 f"(e.g. {flag} 8 for 8/255)")
+            if 0 < v < 1:
+                raise UsageError(
+                    f"qrobust: {flag} {part} is ambiguous: plain numbers are on the 0–255 pixel scale, where it "
+                    f"would be {part}/255; write a fraction of the pixel range with a slash ({flag} {part}/1 for "
+                    f"ε = {part}, or {flag} 8/255) or a value ≥ 1 on the 0–255 scale ({flag} {v * 255:g})"
+                )
+            v = v / 255
+        values.append(v)
+    if one:
+        if len(values) != 1:
+            raise UsageError(f"qrobust: {flag} takes one value, got {text!r}")
+        return values[0]
     return values
+
+
+def _eps_for(args: argparse.Namespace, dataset: str, given: list[float] | None) -> list[float]:
+    """``--eps`` as given (parsed before any work), else the dataset's customary ε — said in a log line."""
+    if given is not None:
+        eps = given
+        source = "--eps"
+    else:
+        eps = [default_eps(dataset, args.norm, "--eps")]
+        source = f"the customary {args.norm} ε of {dataset}; pass --eps to choose"
+    log.info("ε = %s (%s), %s", ", ".join(eps_text(e, args.norm) for e in eps), args.norm, source)
+    return eps
 
 
 def _eval_data(args: argparse.Namespace, model) -> tuple[Any, str]:
@@ -227,20 +405,58 @@ def _eval_data(args: argparse.Namespace, model) -> tuple[Any, str]:
     if not args.dataset:
         raise UsageError("qrobust: the checkpoint does not name its dataset: pass --dataset")
     ds = load_data(args, "test")
+    name = getattr(args, "checkpoint", None) or args.checkpoints[0]
+    check_model_fits(model, ds.info, f"checkpoint {name}")
     x, y = ds.tensors(n=args.n)
     return (x, y), args.dataset
 
 
+#: attack settings that a flag of ``eval``/``attack`` owns: ``--attack-options`` may not set them
+FLAG_SETTINGS = {"eps": "--eps", "norm": "--norm", "seed": "--seed"}
+
+
+def _refuse_flag_settings(options: dict, where: str, owned: dict[str, str]) -> None:
+    for key, flag in owned.items():
+        if key in options:
+            raise UsageError(f"qrobust: {where} sets {key}, which {flag} sets: give it as {flag}, not in the JSON")
+
+
+def eval_attack_options(text: str | None) -> dict[str, dict]:
+    """``eval --attack-options``: a JSON object mapping attacks of the suite to their settings."""
+    options = _json_option(text, "--attack-options")
+    for label, kw in options.items():
+        if not isinstance(kw, dict):
+            raise UsageError(
+                "qrobust: eval's --attack-options maps attacks of the suite to their settings, e.g. "
+                f"'{{\"apgd-ce\": {{\"n_iter\": 50}}}}'; got {label!r}: {json.dumps(kw)}"
+            )
+        _refuse_flag_settings(kw, f"--attack-options {label!r}", FLAG_SETTINGS)
+    return options
+
+
+EVAL_STATE = "eval-state.json"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    out = check_out(Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.suite}"))
+    options = eval_attack_options(args.attack_options)
+    given_eps = None if args.eps is None else parse_eps(args.eps, args.norm)
+    state = out / EVAL_STATE
+    if state.exists() and not args.resume:
+        raise UsageError(f"qrobust: {out} holds an interrupted evaluation ({state}): pass --resume to continue it, "
+                         "or delete that file to start over")
+    if args.resume and not state.exists():
+        log.warning("nothing to resume in %s: evaluating from the start", out)
     model = checkpoint.load(args.checkpoint)
     data, dataset = _eval_data(args, model)
+    eps = _eps_for(args, dataset, given_eps)
     parent = checkpoint.load(args.parent) if args.parent else None
-    options = _json_option(args.attack_options, "--attack-options")
+    out.mkdir(parents=True, exist_ok=True)
     report = evaluate(
         model,
         data,
         suite=args.suite,
-        eps=parse_eps(args.eps, args.norm),
+        eps=eps,
         norm=args.norm,
         gradients=args.gradients,
         batch_size=args.batch_size,
@@ -251,36 +467,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         diagnostics=not args.no_diagnostics,
         model_name=str(args.checkpoint),
         dataset=dataset,
+        state_path=state,  # progress after every batch: a killed run continues with --resume
     )
-    out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.suite}")
     report.save(out)
+    state.unlink(missing_ok=True)
     print(report.summary())
     print(f"report: {out / 'report.md'}")
     return 0
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    out = check_out(Path(args.out or f"{Path(args.checkpoint).with_suffix('').as_posix()}-{args.attack}"))
+    own = _json_option(args.attack_options, "--attack-options")
+    _refuse_flag_settings(own, "--attack-options", {**FLAG_SETTINGS, "gradients": "--gradients"})
+    given_eps = None if args.eps is None else [parse_eps(args.eps, args.norm, one=True)]
     model = checkpoint.load(args.checkpoint)
     (x, y), dataset = _eval_data(args, model)
-    eps = parse_eps(args.eps, args.norm)
-    if len(eps) != 1:
-        raise UsageError("qrobust: attack takes one --eps value")
-    options = {
-        "eps": eps[0],
-        "gradients": args.gradients,
-        "seed": args.seed,
-        **_json_option(args.attack_options, "--attack-options"),
-    }
+    eps = _eps_for(args, dataset, given_eps)
+    options = {"eps": eps[0], "gradients": args.gradients, "seed": args.seed, **own}
     if args.norm != "Linf":
         options["norm"] = args.norm
     cls = ATTACKS.get(args.attack.lower())
     if cls is not None and "alpha" in inspect.signature(cls.__init__).parameters and "alpha" not in options:
         options["alpha"] = eps[0] / 4  # a step that can cross the ε-ball in the default number of steps
-    attack = make_attack(args.attack, model, **options)
+    try:
+        attack = make_attack(args.attack, model, **options)
+    except TypeError as e:
+        raise UsageError(f"qrobust: {args.attack} does not take these settings ({sorted(options)}): {e}") from e
     x_adv = attack(x, y)
     with torch.no_grad():
         pred_clean, pred_adv = model(x).argmax(1), model(x_adv).argmax(1)
-    out = Path(args.out or f"{Path(args.checkpoint).with_suffix('').as_posix()}-{args.attack}")
     meta = {
         "checkpoint": str(args.checkpoint),
         "dataset": dataset,
@@ -290,9 +506,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     paths = save_adversarial_examples(x, x_adv, y, pred_clean, pred_adv, out, metadata=meta)
     fooled = ((pred_clean == y) & (pred_adv != y)).sum().item()
     print(
-        f"{args.attack} at eps={args.eps} ({args.norm}): clean {(pred_clean == y).float().mean().item():.4f}, "
-        f"adversarial {(pred_adv == y).float().mean().item():.4f}; fooled {fooled} of {int((pred_clean == y).sum())} "
-        f"correctly classified"
+        f"{args.attack} at eps={eps_text(eps[0], args.norm)} ({args.norm}): clean "
+        f"{(pred_clean == y).float().mean().item():.4f}, adversarial {(pred_adv == y).float().mean().item():.4f}; "
+        f"fooled {fooled} of {int((pred_clean == y).sum())} correctly classified"
     )
     for kind, path in paths.items():
         print(f"  {kind}: {path}")
@@ -321,9 +537,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         Path(c).with_suffix("").name if Path(c).is_file() else Path(c).name: checkpoint.load(c)
         for c in args.checkpoints
     }
+    out = check_out(Path(args.out or "amplification"))
     first = next(iter(models.values()))
     (x, y), _ = _eval_data(args, first)
-    out = Path(args.out or "amplification")
     amplification_report(
         models,
         x,
@@ -363,8 +579,8 @@ STUDY_OPTION_TYPES: dict[str, Any] = {
     "int_list": _int_list,
     "float_list": _float_list,
     "str_list": lambda text, flag: tuple(text.split(",")),
-    "eps255_list": lambda text, flag: parse_eps(text, "Linf"),
-    "eps255": lambda text, flag: parse_eps(text, "Linf")[0],
+    "eps255_list": lambda text, flag: parse_eps(text, "Linf", flag),
+    "eps255": lambda text, flag: parse_eps(text, "Linf", flag, one=True),
     "json": lambda text, flag: _json_option(text, flag),
 }
 
@@ -459,7 +675,7 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--model", default=None, help="architecture (default: per dataset, e.g. digits_cnn, small_cnn, resnet20)"
     )
-    t.add_argument("--activation", default="relu", choices=["relu", "relu6"])
+    t.add_argument("--activation", default=None, choices=["relu", "relu6"], help="default: relu (or --init's)")
     t.add_argument("--bits", default=None, help="quantization, e.g. w4a4, w1a32, 4 (= w4a4); default float")
     t.add_argument("--weight-scheme", default=None, help="dorefa|uniform|uniform_per_channel|lsq|binary")
     t.add_argument("--act-scheme", default=None, help="clip|pact")
@@ -468,13 +684,19 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--objective-options", default=None, help="JSON options of the objective")
     t.add_argument("--beta", type=float, default=None, help="dq: orthogonality-penalty β; trades: TRADES β")
     t.add_argument("--base", default=None, help="dq: the objective the penalty is added to (ce, pgd-at, trades, …)")
-    t.add_argument("--train-eps", type=float, default=None, help="adversarial objectives: ε on the 0–255 scale")
-    t.add_argument("--train-alpha", type=float, default=None, help="adversarial objectives: step on the 0–255 scale")
-    t.add_argument("--train-steps", type=int, default=None, help="adversarial objectives: attack steps")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument(
+        "--train-eps",
+        default=None,
+        help=f"adversarial objectives: the L∞ ε; {EPS_RULE} (default: the dataset's customary ε — digits 0.1, "
+        "MNIST 0.3, Fashion-MNIST 0.1, CIFAR-10/SVHN 8/255 — stated in the log and config.json)",
+    )
+    t.add_argument("--train-alpha", default=None,
+                   help="adversarial objectives: the attack step, written like --train-eps")
+    t.add_argument("--train-steps", type=_positive_int, default=None, help="adversarial objectives: attack steps")
+    t.add_argument("--epochs", type=_positive_int, default=10)
+    t.add_argument("--batch-size", type=_positive_int, default=128)
     t.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--lr", type=float, default=0.05, help="peak learning rate, in (0, 10] (default: %(default)s)")
     t.add_argument("--weight-decay", type=float, default=5e-4)
     t.add_argument(
         "--schedule",
@@ -489,15 +711,25 @@ def make_parser() -> argparse.ArgumentParser:
         help="single-step recipes: watch for catastrophic overfitting (PGD vs FGSM accuracy on test images)",
     )
     t.add_argument("--warmup-epochs", type=float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0,
+                   help="seeds the initial weights, the data order and every random draw: the same seed, the same "
+                   "weights bit for bit (default: %(default)s)")
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     t.add_argument("--channels-last", action="store_true")
     t.add_argument("--no-augment", action="store_true", help="disable the dataset's standard augmentation")
-    t.add_argument("--n-train", type=int, default=None, help="train on a random subset of this size")
-    t.add_argument("--n-test", type=int, default=None, help="evaluate on a random subset of this size")
-    t.add_argument("--max-batches", type=int, default=None, help="at most this many batches per epoch")
-    t.add_argument("--init", default=None, help="start from this float checkpoint (quantization-aware fine-tuning)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    t.add_argument("--n-train", type=_positive_int, default=None, help="train on a random subset of this size")
+    t.add_argument("--n-test", type=_positive_int, default=None, help="evaluate on a random subset of this size")
+    t.add_argument("--max-batches", type=_positive_int, default=None, help="at most this many batches per epoch")
+    t.add_argument(
+        "--keep-checkpoints",
+        type=_count,
+        default=KEEP_CHECKPOINTS,
+        help="keep the newest N epoch checkpoints, 0 = all (default: %(default)s)",
+    )
+    t.add_argument("--init", default=None,
+                   help="start from this float checkpoint (quantization-aware fine-tuning); it sets the architecture")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out after an interruption, with the settings it was started with")
     t.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-BITS)")
     t.set_defaults(func=cmd_train)
 
@@ -508,7 +740,7 @@ def make_parser() -> argparse.ArgumentParser:
     def _attack_target_args(a: argparse.ArgumentParser) -> None:
         a.add_argument("checkpoint", help="checkpoint file or run folder")
         _add_data_args(a, default=None)
-        a.add_argument("--n", type=int, default=1000, help="number of test images (default: %(default)s)")
+        a.add_argument("--n", type=_positive_int, default=1000, help="number of test images (default: %(default)s)")
         a.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
         a.add_argument(
             "--gradients",
@@ -517,21 +749,30 @@ def make_parser() -> argparse.ArgumentParser:
             help="gradients through quantizers: ste = straight-through/BPDA (default)",
         )
         a.add_argument("--seed", type=int, default=0)
-        a.add_argument("--attack-options", default=None, help="JSON, e.g. '{\"steps\": 50}'")
-        a.add_argument("--out", default=None, help="output folder")
+        a.add_argument("--out", default=None, help="output folder (checked for writability before any work)")
+
+    eps_help = (f"ε; L∞: {EPS_RULE}; L2: the norm of [0, 1] pixels (default: the dataset's customary ε — L∞: "
+                "digits 0.1, MNIST 0.3, Fashion-MNIST 0.1, CIFAR-10/SVHN 8/255; L2: MNIST 2, CIFAR-10 0.5)")
 
     e = sub.add_parser("eval", help="robustness report of a checkpoint (attacks, worst case, diagnostics)")
     _attack_target_args(e)
-    e.add_argument("--suite", default="standard", help="quick | standard | quantized (default: %(default)s)")
+    e.add_argument("--suite", default="standard",
+                   help="quick | standard | quantized (default: %(default)s, as for qrobust.evaluate)")
+    e.add_argument("--eps", default=None, help=f"{eps_help}; comma-separated for a sweep")
     e.add_argument(
-        "--eps",
-        default="8",
-        help="ε, comma-separated for a sweep; L∞ on the 0–255 scale (8 = 8/255), "
-        "L2 as the norm of [0, 1] pixels (default: %(default)s)",
+        "--attack-options",
+        default=None,
+        help="JSON mapping attacks of the suite to settings, e.g. '{\"apgd-ce\": {\"n_iter\": 50}}' "
+        "(ε, norm and seed have their flags)",
+    )
+    e.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue an interrupted evaluation from OUT/{EVAL_STATE} (progress is recorded after every batch)",
     )
     e.add_argument("--parent", default=None, help="float parent checkpoint (transfer attack in the quantized suite)")
-    e.add_argument("--n-queries", type=int, default=None, help="Square's query budget (default 5000)")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--n-queries", type=_positive_int, default=None, help="Square's query budget (default 5000)")
+    e.add_argument("--batch-size", type=_positive_int, default=256)
     e.add_argument("--no-diagnostics", action="store_true", help="skip the gradient-masking checks")
     e.set_defaults(func=cmd_eval)
 
@@ -539,7 +780,10 @@ def make_parser() -> argparse.ArgumentParser:
     _attack_target_args(a)
     a.set_defaults(n=16)
     a.add_argument("--attack", default="pgd", help="attack name (fgsm, pgd, apgd-ce, square, cw, …)")
-    a.add_argument("--eps", default="8", help="ε; L∞ on the 0–255 scale (default: %(default)s)")
+    a.add_argument("--eps", default=None, help=eps_help)
+    a.add_argument("--attack-options", default=None,
+                   help="JSON settings of the attack, e.g. '{\"steps\": 50}' (ε, norm, gradients and seed have "
+                   "their flags)")
     a.set_defaults(func=cmd_attack)
 
     an = sub.add_parser("analyze", help="look inside models: Lipschitz constants, error amplification")
@@ -547,7 +791,7 @@ def make_parser() -> argparse.ArgumentParser:
     an.add_argument("checkpoints", nargs="+", help="checkpoint(s); amplification compares several models")
     _add_data_args(an, default=None)
     an.add_argument("--iters", type=int, default=50, help="lipschitz: power-iteration steps")
-    an.add_argument("--n", type=int, default=256, help="amplification: test images")
+    an.add_argument("--n", type=_positive_int, default=256, help="amplification: test images")
     an.add_argument("--eps", default="2,4,8", help="amplification: L∞ ε list on the 0–255 scale")
     an.add_argument("--attack", default="pgd", choices=["pgd", "fgsm"])
     an.add_argument("--steps", type=int, default=10)

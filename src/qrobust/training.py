@@ -16,7 +16,13 @@ A run folder (``out=``) holds::
     final.safetensors            the trained weights (what ``qrobust.load(out)`` returns)
 
 ``resume=True`` continues from the newest readable epoch checkpoint and ends with the same number of
-epochs and a complete ``metrics.jsonl`` as an uninterrupted run.
+epochs and a complete ``metrics.jsonl`` as an uninterrupted run; a call whose settings differ from the run's
+(architecture, quantization, fit settings other than ``keep_checkpoints``/``eval_batch_size``, objective,
+metadata) is refused with the differences named, before anything is rewritten. Epoch checkpoints are ordered
+by their number (``checkpoint.epoch_checkpoints``), and ``keep_checkpoints=N`` keeps the newest N.
+
+Before the objective's loss can fail deep inside torch, labels are checked against the model's outputs (the
+first forward tells how many); a NaN or infinite loss stops the run with :class:`TrainingDiverged`.
 
 Under ``torchrun --nproc_per_node=N`` the same call trains with DistributedDataParallel (gloo on CPU,
 nccl on GPU); only rank 0 writes files. A process group that ``fit`` opened, ``fit`` also closes: at
@@ -45,15 +51,23 @@ import torch.distributed as dist
 from torch import nn
 
 from qrobust import checkpoint as ckpt
-from qrobust.data.inputs import as_batches
+from qrobust.data.inputs import as_batches, check_label_range
 from qrobust.defenses.objectives import Objective, make_objective, split_output
-from qrobust.errors import CheckpointError, ConfigError
+from qrobust.errors import CheckpointError, ConfigError, InputError
 from qrobust.utils import atomic_write_text, eval_mode, model_device, progress, seed_everything
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
+#: the largest learning rate FitConfig accepts: anything above diverges at the first step
+MAX_LR = 10.0
+#: FitConfig fields that a resumed run may change: they do not change what is trained
+RESUME_MAY_CHANGE = ("keep_checkpoints", "eval_batch_size")
+
+
+class TrainingDiverged(ConfigError, FloatingPointError):
+    """The training loss became NaN or infinite: the settings (usually the learning rate) make it diverge."""
 
 
 @dataclass
@@ -77,7 +91,7 @@ class FitConfig:
     channels_last: bool = False
     grad_clip: float | None = None
     max_batches: int | None = None  # per epoch; for smoke tests and budgeted benchmarks
-    keep_checkpoints: int | None = None  # keep the newest N epoch checkpoints (None: all)
+    keep_checkpoints: int | None = None  # keep the newest N epoch checkpoints (None or 0: all)
     eval_batch_size: int = 512
 
     def validate(self) -> FitConfig:
@@ -87,6 +101,17 @@ class FitConfig:
             raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.lr > MAX_LR:
+            raise ConfigError(f"lr={self.lr:g} is absurd (any step that large diverges at once): give a learning "
+                              f"rate ≤ {MAX_LR:g}, e.g. 0.1 for SGD or 1e-3 for AdamW")
+        if self.max_batches is not None and (isinstance(self.max_batches, bool) or not isinstance(
+                self.max_batches, int) or self.max_batches < 1):
+            raise ConfigError(f"max_batches must be a positive integer (batches per epoch) or None for all, got "
+                              f"{self.max_batches!r}")
+        if self.keep_checkpoints is not None and (isinstance(self.keep_checkpoints, bool) or not isinstance(
+                self.keep_checkpoints, int) or self.keep_checkpoints < 0):
+            raise ConfigError(f"keep_checkpoints must be an integer ≥ 0 (0 or None: keep all), got "
+                              f"{self.keep_checkpoints!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
@@ -234,18 +259,54 @@ def _save_epoch(
     }
     ckpt.save_tensors(_epoch_path(out, epoch), tensors, meta)
     if keep:
-        for old in sorted((out / "checkpoints").glob("epoch_*.safetensors"))[:-keep]:
+        for old in ckpt.epoch_checkpoints(out)[:-keep]:  # by epoch number: epoch_1000 is newer than epoch_999
             old.unlink(missing_ok=True)
 
 
 def _latest_state(out: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
     """The newest readable epoch checkpoint of a run folder (a corrupt newest one falls back to the one before)."""
-    for p in sorted((out / "checkpoints").glob("epoch_*.safetensors"), reverse=True):
+    for p in reversed(ckpt.epoch_checkpoints(out)):
         try:
             return ckpt.read_tensors(p)
         except CheckpointError as e:
             log.warning("skipping unreadable checkpoint %s: %s", p, e)
     return None
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as the JSON a checkpoint stores it (tuples as lists, paths as text)."""
+    return json.loads(json.dumps(value, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o)))
+
+
+def _differences(before: Any, now: Any, where: str) -> list[str]:
+    """``where: before → now`` for every leaf setting that differs (dicts compared key by key)."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(before) | set(now), key=str)
+                for d in _differences(before.get(k), now.get(k), f"{where}.{k}" if where else str(k))]
+    if before == now:
+        return []
+
+    def short(v: Any) -> str:  # a whole spec or objective by its name
+        return repr(v["name"]) if isinstance(v, dict) and "name" in v else repr(v)
+
+    return [f"{where} {short(before)} → {short(now)}"]
+
+
+def _resume_conflicts(stored: dict, current: dict) -> list[str]:
+    """What a resumed call asks for that differs from the run it continues (architecture, quantization, fit
+    settings, objective and run metadata); the fields of :data:`RESUME_MAY_CHANGE` are free."""
+    stored, current = _plain(stored), _plain(current)
+    for d in (stored, current):
+        d.pop("epoch", None)
+        for k in RESUME_MAY_CHANGE:
+            (d.get("fit") or {}).pop(k, None)
+    return _differences(stored, current, "")
+
+
+def _check_labels(y: torch.Tensor, num_classes: int) -> None:
+    if y.numel() and int(y.min()) < 0:
+        raise InputError(f"label {int(y.min())} is negative; labels must be 0…{num_classes - 1}")
+    check_label_range(y, num_classes)
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
@@ -372,8 +433,13 @@ def _fit(
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
 
+    run_meta = {
+        "fit": cfg.to_dict(),
+        "objective": obj.config(),
+        **(metadata or {}),
+    }
     if out_path is not None:
-        existing = list((out_path / "checkpoints").glob("epoch_*.safetensors")) if out_path.exists() else []
+        existing = ckpt.epoch_checkpoints(out_path) if out_path.exists() else []
         if existing and not resume:
             raise ConfigError(
                 f"{out_path} already holds a run ({len(existing)} epoch checkpoints): pass "
@@ -386,6 +452,17 @@ def _fit(
             else:
                 tensors, meta = state
                 ts = meta["training_state"]
+                conflicts = _resume_conflicts(
+                    {**meta.get("metadata", {}), "arch": meta.get("arch"), "spec": meta.get("spec")},
+                    {**run_meta, "arch": getattr(model, "qrobust_arch", None),
+                     "spec": getattr(model, "qrobust_spec", None)},
+                )
+                if conflicts:
+                    raise ConfigError(
+                        f"{out_path} was started with other settings than this call's ({'; '.join(conflicts)}): "
+                        f"resume with the settings it was started with (see {out_path / 'config.json'}) or "
+                        "choose another output folder"
+                    )
                 ckpt.load_state_into(
                     model, {k: v for k, v in tensors.items() if not k.startswith("__")}, source="resume checkpoint"
                 )
@@ -398,11 +475,6 @@ def _fit(
                 if rank == 0:
                     _write_metrics(out_path, history)
 
-    run_meta = {
-        "fit": cfg.to_dict(),
-        "objective": obj.config(),
-        **(metadata or {}),
-    }
     if out_path is not None and rank == 0:
         atomic_write_text(
             out_path / "config.json",
@@ -429,6 +501,18 @@ def _fit(
     total_steps = cfg.epochs * (n_batches or 1)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
+    # labels must index the model's outputs: the first forward tells how many there are (a hook, so the check
+    # comes before the objective's loss fails deep inside torch); every later batch is checked against that
+    labels: dict[str, Any] = {"y": None, "classes": None}
+
+    def learn_classes(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        hook.remove()  # once: the first forward of the run
+        if isinstance(output, torch.Tensor) and output.ndim == 2:
+            labels["classes"] = int(output.shape[1])
+            if labels["y"] is not None:
+                _check_labels(labels["y"], labels["classes"])
+
+    hook = model.register_forward_hook(learn_classes)
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(batches, "set_epoch"):
             batches.set_epoch(epoch)
@@ -447,10 +531,13 @@ def _fit(
             if cfg.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             obj.set_batch_view(getattr(batches, "batch_view", None))  # per-sample state (ODG-Q's bank)
+            labels["y"] = y
+            if labels["classes"] is not None:
+                _check_labels(y, labels["classes"])
             with autocast:
                 loss, logits = split_output(obj(net, x, y))
             if not torch.isfinite(loss):
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {i}: "
                     "lower the learning rate or check the data"
                 )
@@ -464,6 +551,11 @@ def _fit(
             if logits is not None:
                 correct += (logits.detach().argmax(1) == y).sum().item()
         loss_sum, correct, seen = _all_sum([loss_sum, correct, seen], world, device)
+        if seen == 0:
+            raise InputError(
+                f"epoch {epoch + 1} had no training samples: the training data gave no batches; give data with "
+                "at least one sample (and max_batches ≥ 1)"
+            )
         elapsed = time.perf_counter() - t0
         record: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -501,6 +593,7 @@ def _fit(
         if stop:
             log.warning("training stopped early after epoch %d by a callback", epoch + 1)
             break
+    hook.remove()
 
     model.eval()
     if out_path is not None and rank == 0:

@@ -41,7 +41,7 @@ def evaluate(
     model: nn.Module,
     data: Any,
     *,
-    suite: str | Sequence[Any] = "quick",
+    suite: str | Sequence[Any] = "standard",
     eps: float | Sequence[float] = 8 / 255,
     norm: str = "Linf",
     gradients: str = "ste",
@@ -66,6 +66,9 @@ def evaluate(
 ) -> RobustnessReport:
     """Evaluate ``model`` on ``data`` under ``suite`` at ``eps`` (one value or a list) → a report.
 
+    ``suite`` — ``"standard"`` by default (APGD-CE, APGD-T and Square: the evaluation a robustness claim needs,
+    the same default as ``qrobust eval``), ``"quick"`` (FGSM + PGD-20: a smoke test, not a claim),
+    ``"quantized"`` or a list of attacks.
     ``data`` — an ArrayDataset (first ``n`` samples), a DataLoader/BatchLoader (batches until ``n``) or an
     ``(x, y)`` pair. ``norm`` — ``"Linf"`` or ``"L2"``. ``gradients`` — how the white-box attacks
     differentiate through quantizers unless a suite entry says otherwise (``"ste"``, ``"native"``,
