@@ -615,7 +615,7 @@ def test_bpda_mode_backpropagates_like_the_float_activation():
     assert grads["estimator"] == [0.0, 1.0, 1.0, 0.0]
     assert grads["native"] == [0.0, 0.0, 0.0, 0.0]
     assert grads["bpda"] == [0.0, 1.0, 1.0, 1.0]
-    assert attack_mode("ste") == "estimator" and attack_mode("bpda") == "bpda" and attack_mode("native") == "native"
+    assert attack_mode("ste") == "attack" and attack_mode("bpda") == "bpda" and attack_mode("native") == "native"
     six = QuantAct(2, kind="relu6")
     x6 = torch.tensor([3.0, 7.0], requires_grad=True)
     with gradient_mode("bpda"):
@@ -656,7 +656,25 @@ def test_layers_check_their_settings_with_the_specs_own_checks():
 
 
 def test_the_training_gradient_mode_is_called_estimator_not_ste():
-    assert GRADIENT_MODES == ("estimator", "native", "bpda")
+    assert GRADIENT_MODES == ("estimator", "native", "bpda", "attack")
     with pytest.raises(ConfigError, match="attack_mode"):
         with gradient_mode("ste"):
             pass
+
+
+def test_attack_mode_keeps_multibit_estimators_and_passes_sign_activations():
+    """An attack's "ste" ("attack" mode): a 2-bit clip activation back-propagates its clip's derivative (as in
+    training), a sign activation with the clipped training estimator passes the gradient everywhere."""
+    from qrobust.quant import QuantAct, gradient_mode
+
+    clip = QuantAct(2, clip=1.0, kind="relu")
+    sign = QuantAct(1, scheme="sign", sign_grad="clipped")
+    for act, expect_est, expect_att in ((clip, [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]),
+                                        (sign, [0.0, 1.0, 0.0], [1.0, 1.0, 1.0])):
+        grads = {}
+        for mode in ("estimator", "attack"):
+            x = torch.tensor([-3.0, 0.5, 3.0], requires_grad=True)
+            with gradient_mode(mode):
+                act(x).sum().backward()
+            grads[mode] = x.grad.tolist()
+        assert grads["estimator"] == expect_est and grads["attack"] == expect_att

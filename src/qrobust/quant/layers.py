@@ -241,8 +241,10 @@ class QuantAct(nn.Module):
             return (
                 F.relu6(x, inplace=self.inplace) if self.kind == "relu6" else F.relu(x, inplace=self.inplace)
             )
-        if get_gradient_mode() == "bpda":  # quantized value forward, the float activation's gradient backward
-            # (a sign activation replaced its ReLU by a symmetric one: its BPDA surrogate is the identity)
+        mode = get_gradient_mode()
+        if mode == "bpda" or (mode == "attack" and self.scheme == "sign"):
+            # quantized value forward, the float activation's gradient backward (a sign activation replaced its
+            # ReLU by a symmetric one: its BPDA surrogate is the identity; an attack's "ste" uses it too)
             f = x if self.scheme == "sign" else (F.relu6(x) if self.kind == "relu6" else F.relu(x))
             return f + (q(x) - f).detach()
         return q(x)

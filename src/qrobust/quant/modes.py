@@ -1,16 +1,18 @@
 """How gradients flow through quantizers, switchable at run time.
 
-Three quantizer gradient modes (:data:`GRADIENT_MODES`):
+Four quantizer gradient modes (:data:`GRADIENT_MODES`):
 
 * ``"estimator"`` (the default) — the training estimators: straight-through rounding/sign, zero gradient
   outside an activation's clip range;
 * ``"native"`` — the literal autograd of the fake-quantized graph (``round``/``sign`` have zero gradient
   almost everywhere), which is what a naive attacker gets and what masks gradients;
-* ``"bpda"`` — every quantizer is the identity on the backward pass.
+* ``"bpda"`` — every quantizer is the identity on the backward pass;
+* ``"attack"`` — the estimators of multi-bit quantizers, the identity through 1-bit sign activations.
 
-An attack's ``gradients=`` choice is a different, user-facing name: its ``"ste"`` runs the quantizers in
-``"bpda"`` mode and its ``"native"`` in ``"native"`` (:func:`attack_mode`); its ``"surrogate"`` is the float
-model, :func:`quantization_disabled` making every quantizer of a model the identity.
+An attack's ``gradients=`` choice is a different, user-facing name (:func:`attack_mode`): its ``"ste"`` runs
+the quantizers in ``"attack"`` mode (with BPDA for samples left without any gradient), ``"bpda"`` in
+``"bpda"``, ``"native"`` in ``"native"``; its ``"surrogate"`` is the float model, :func:`quantization_disabled`
+making every quantizer of a model the identity.
 
 >>> import torch
 >>> from qrobust.quant.modes import gradient_mode, get_gradient_mode
@@ -32,7 +34,7 @@ from torch import nn
 
 from qrobust.errors import ConfigError
 
-GRADIENT_MODES = ("estimator", "native", "bpda")
+GRADIENT_MODES = ("estimator", "native", "bpda", "attack")
 
 _state = threading.local()
 
@@ -51,7 +53,7 @@ def gradient_mode(mode: str) -> Iterator[None]:
     quantized activation back-propagates exactly like the float activation it replaced (see :func:`attack_mode`).
     """
     if mode not in GRADIENT_MODES:
-        hint = " ('ste' is an attack's gradients= choice; attack_mode('ste') is 'estimator')" if mode == "ste" else ""
+        hint = " ('ste' is an attack's gradients= choice; attack_mode('ste') is 'attack')" if mode == "ste" else ""
         raise ConfigError(f"gradient mode must be one of {GRADIENT_MODES}, got {mode!r}{hint}")
     old = get_gradient_mode()
     _state.mode = mode
@@ -68,17 +70,19 @@ STE_FALLBACK = "bpda"
 def attack_mode(gradients: str) -> str:
     """The quantizer gradient mode an attack's ``gradients=`` choice means.
 
-    * ``"ste"`` → ``"estimator"``: the straight-through estimators the model was trained with (identity
-      through rounding, the clip's own derivative at α) — exactly the gradient the model's autograd hands
-      any other library (torchattacks, AutoAttack). Where it is all zero for a sample (every path saturated at
-      α: 16 % of digits samples at w4a4, 34 % at w2a2, measured), the attack takes that sample's gradient in
+    * ``"ste"`` → ``"attack"``: the straight-through estimators of the multi-bit quantizers as trained
+      (identity through rounding, the clip's own derivative at α — the gradient the model's autograd hands any
+      other library, torchattacks or AutoAttack) and the identity through 1-bit sign activations (their
+      hardtanh training estimator is zero wherever |x| > 1, and measured on binary digits models it left PGD
+      far weaker than the identity). Where the gradient is all zero for a sample (every path saturated at α:
+      16 % of digits samples at w4a4, 34 % at w2a2, measured), the attack takes that sample's gradient in
       :data:`STE_FALLBACK` instead, so saturation cannot mask it.
     * ``"bpda"`` → ``"bpda"`` (Athalye et al. 2018): every quantizer — rounding *and* its clipping — is the
       identity backward. Neither estimator is stronger everywhere (measured: the clipped estimator breaks
       more at w4a4, BPDA slightly more at w2a2), so the ``quantized`` suite runs both.
     * ``"native"`` → ``"native"``: literal autograd.
     """
-    return {"ste": "estimator", "bpda": "bpda", "native": "native"}.get(gradients, gradients)
+    return {"ste": "attack", "bpda": "bpda", "native": "native"}.get(gradients, gradients)
 
 
 def round_q(x: torch.Tensor) -> torch.Tensor:
