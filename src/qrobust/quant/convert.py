@@ -54,6 +54,7 @@ __all__ = [
     "is_quantized",
     "load_float_state_dict",
     "quantize",
+    "quantize_as_saved",
     "quantizer_state_keys",
     "size_totals",
 ]
@@ -204,7 +205,11 @@ def _report_ranges(target: nn.Module, spec: QuantSpec, calibrated: bool) -> None
     logger.info(
         "activation ranges: %s", ", ".join(f"{n or '<root>'} [{lo:.4g}, {hi:.4g}]" for n, _, (lo, hi) in ranges)
     )
-    unbounded = [(n, r) for n, kind, r in ranges if kind != "relu6"]
+    unbounded = [
+        (n, r)
+        for n, kind, r in ranges
+        if kind != "relu6" and not any("act_clip" in ov for ov in spec.overrides_for(n))
+    ]  # sites whose range is the global act_clip, not one set for them (or calibrated)
     if unbounded and not calibrated and any(
         m.scheme == "clip" for _, m in target.named_modules() if isinstance(m, QuantAct)
     ):
@@ -238,6 +243,7 @@ def quantize(
     *,
     inplace: bool = False,
     calibrate: Any = None,
+    _as_saved: bool = False,
 ) -> nn.Module:
     """The quantization-aware version of ``model`` under ``spec`` (a QuantSpec, ``"w4a4"`` or a dict).
 
@@ -303,9 +309,14 @@ def quantize(
                     setattr(parent, child_name, replacements[id(child)])
     target.qrobust_spec = spec.to_dict()
     logger.info("quantized %d weight layer(s) and %d activation(s) to %s", len(weights), len(acts), spec)
-    _report_ranges(target, spec, calibrate is not None)
+    _report_ranges(target, spec, calibrate is not None or _as_saved)
     _warn_float(target, spec)
     return target
+
+
+def quantize_as_saved(model: nn.Module, spec: QuantSpec | str | Mapping[str, Any]) -> nn.Module:
+    """:func:`quantize` in place to the spec a checkpoint was trained with (no warning about its ranges)."""
+    return quantize(model, spec, inplace=True, _as_saved=True)
 
 
 def quantizer_state_keys(model: nn.Module) -> list[str]:
