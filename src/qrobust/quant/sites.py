@@ -7,7 +7,8 @@ further use of a shared module an activation module of its own (named ``<owner>.
 ``<module>_use<k>``, where ``<owner>`` is the module whose ``forward`` made the call) and gives the model a
 ``forward`` generated from the rewritten graph, bound to the instance (the model keeps its class; a model
 without such calls keeps its own ``forward``). Then every site is one module and ``quantize`` treats all
-alike.
+alike. The rewritten ``forward`` is the root's: a submodule called on its own still runs its class's
+``forward``, where a functional call stays float.
 
 What cannot be quantized stays float and is reported (:func:`float_ops`): activations without a quantized
 replacement (sigmoid, tanh, ELU, …), subclasses of the supported modules, and — when ``forward`` does not
