@@ -102,6 +102,10 @@ def test_fit_saves_an_own_model_and_load_takes_it_back(tmp_path, digits):
     loaded = qrobust.load(tmp_path / "run", model=OwnNet())
     x, _ = test.tensors()
     assert torch.equal(loaded(x), q.eval()(x))
+    (tmp_path / "run" / checkpoint.FINAL_NAME).unlink()  # a run folder without final: its epoch checkpoint
+    assert torch.equal(qrobust.load(tmp_path / "run", model=OwnNet())(x), q(x))
+    with pytest.raises(CheckpointError, match="model of your own"):
+        qrobust.load(tmp_path / "run")
 
 
 def test_fit_checks_that_it_can_save_before_it_trains(tmp_path, digits, monkeypatch):

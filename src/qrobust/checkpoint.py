@@ -230,10 +230,12 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def build_from_meta(meta: dict) -> nn.Module:
     """An untrained model with the architecture (and quantization) a checkpoint describes."""
     arch = meta.get("arch")
-    if arch is None and meta.get("class"):
+    if arch is None:  # a model of one's own (epoch checkpoints of fit do not record the class)
+        cls = meta.get("class") or "a class of yours"
+        short = meta["class"].rpartition(".")[2] if meta.get("class") else "MyNet"
         raise CheckpointError(
-            f"this checkpoint holds a model of your own ({meta['class']}), not a registered architecture: "
-            f"load it into a skeleton of its class, qrobust.load(path, model={meta['class'].rpartition('.')[2]}"
+            f"this checkpoint holds a model of your own ({cls}), not a registered architecture: "
+            f"load it into a skeleton of its class, qrobust.load(path, model={short}"
             "(...)), or register its builder with qrobust.models.register_model so it loads from the path alone"
         )
     if not isinstance(arch, dict) or "name" not in arch:
