@@ -104,9 +104,13 @@ def test_unknown_architecture(tmp_path):
         qrobust.load(tmp_path / "bad.safetensors")
 
 
-def test_model_without_arch_cannot_be_saved(tmp_path):
-    with pytest.raises(CheckpointError, match="build_model"):
-        checkpoint.save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+def test_model_without_arch_saves_and_needs_a_skeleton_to_load(tmp_path):
+    """A model of one's own (no qrobust_arch) saves; loading it from the path alone says how to load it."""
+    p = checkpoint.save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+    assert checkpoint.read_metadata(p)["class"] == "torch.nn.modules.linear.Linear"
+    with pytest.raises(CheckpointError, match=r"model of your own .*model=Linear\(\.\.\.\)"):
+        qrobust.load(p)
+    assert isinstance(qrobust.load(p, model=torch.nn.Linear(2, 2)), torch.nn.Linear)
 
 
 def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
@@ -156,3 +160,49 @@ def test_old_checkpoint_with_the_ste_spec_key_still_loads(tmp_path):
     assert old.qrobust_spec["overrides"] == {"fc2": {"weight_bits": 1, "sign_grad": "clipped"}}
     x = torch.rand(5, 1, 8, 8)
     assert torch.equal(q(x), old(x))
+
+
+def test_a_changed_header_byte_is_caught_by_the_header_digest(tmp_path):
+    """weight_bits 4 → 2 in the file's JSON header would load as a different model: it is an error."""
+    p = checkpoint.save(quantize(_model(), "w4a4"), tmp_path / "q.safetensors")
+    data = p.read_bytes()
+    assert data.count(b'\\"weight_bits\\": 4') == 1  # the JSON document sits escaped inside the header
+    p.write_bytes(data.replace(b'\\"weight_bits\\": 4', b'\\"weight_bits\\": 2'))
+    with pytest.raises(CheckpointError, match=r"metadata \(header\) does not match its recorded SHA-256"):
+        qrobust.load(p)
+    with pytest.raises(CheckpointError, match="header"):
+        checkpoint.read_metadata(p)
+
+
+def test_header_digest_is_canonical_json(tmp_path):
+    p = checkpoint.save(_model(), tmp_path / "m.safetensors", b=1, a={"y": 2, "x": [1.5, None]})
+    meta = checkpoint.read_metadata(p)
+    assert meta["format"] == "qrobust-checkpoint/2" and len(meta["header_sha256"]) == 64
+    body = {k: v for k, v in meta.items() if k != "header_sha256"}
+    import hashlib
+
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    assert hashlib.sha256(text.encode()).hexdigest() == meta["header_sha256"]
+
+
+def test_a_format_1_checkpoint_still_loads_with_a_note(tmp_path, caplog):
+    """Files of earlier versions (digest over the tensors only) keep loading; a logged note says so."""
+    import logging
+
+    from safetensors.torch import save_file
+
+    m = _model().eval()
+    tensors = {k: v.contiguous() for k, v in m.state_dict().items()}
+    doc = {"format": "qrobust-checkpoint/1", "qrobust_version": "0.1.0", "torch_version": torch.__version__,
+           "sha256": checkpoint._digest(tensors), "arch": m.qrobust_arch, "spec": None, "metadata": {}}  # fmt: skip
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"qrobust": json.dumps(doc)})
+    with caplog.at_level(logging.INFO, logger="qrobust.checkpoint"):
+        old = qrobust.load(tmp_path / "old.safetensors")
+    assert "not covered by a digest" in caplog.text
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(old(x), m(x))
+    # its tensors are still checked
+    tensors["fc2.bias"] = tensors["fc2.bias"] + 1
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"qrobust": json.dumps(doc)})
+    with pytest.raises(CheckpointError, match="weights do not match"):
+        qrobust.load(tmp_path / "bad.safetensors")

@@ -575,7 +575,7 @@ def test_factories_validate():
 # ---------------------------------------------------------------------------------------------------------
 # doctests: every quantizer class documents itself with a runnable example
 # ---------------------------------------------------------------------------------------------------------
-QUANT_MODULES = ["modes", "functional", "quantizers", "layers", "spec", "convert", "__init__"]
+QUANT_MODULES = ["modes", "functional", "quantizers", "layers", "spec", "convert", "sites", "__init__"]
 
 
 @pytest.mark.parametrize("module", QUANT_MODULES)

@@ -472,3 +472,153 @@ def test_describe_quantized_resnet_totals_and_table():
     text = format_description(rows)
     assert "layer2.0.shortcut.0" in text and "QuantConv2d" in text and "(other)" in text
     assert f"{t['compression']:.2f}x smaller" in text
+
+
+# ---- a model of one's own: functional and shared activations, signed activations, ranges ------------------
+class FunctionalNet(nn.Module):
+    """Every way an activation can hide: F.relu, torch.relu, x.relu(), one nn.ReLU used twice, in-place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True)
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1))
+        self.fc = nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn(self.conv(x)))
+        y = F.relu(self.body(y) + y)  # a residual add, then a functional relu
+        y = torch.relu(self.act(y)).relu()  # the shared module's second use, torch.relu, a method
+        return self.fc(F.max_pool2d(y, 2).flatten(1))
+
+
+def _site_calls(model: nn.Module) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantAct):
+            m.register_forward_hook(lambda _m, _i, _o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    return calls
+
+
+def test_functional_and_shared_activations_each_get_a_quantizer():
+    torch.manual_seed(0)
+    net = FunctionalNet().eval()
+    q = quantize(net, "w4a4").eval()
+    assert type(q) is FunctionalNet  # the model keeps its class
+    sites = {n: m.kind for n, m in q.named_modules() if isinstance(m, QuantAct)}
+    assert sites == {"act": "relu", "act_use2": "relu", "relu_fn1": "relu", "relu_fn2": "relu", "relu_fn3": "relu"}
+    calls = _site_calls(q)
+    x = torch.rand(3, 1, 8, 8)
+    y = q(x)
+    assert calls == dict.fromkeys(sites, 1)  # each site runs once per forward: nothing bypasses its quantizer
+    with quantization_disabled(q):
+        torch.testing.assert_close(q(x), net(x), rtol=0, atol=0)  # the rewritten forward is the same function
+    assert not torch.equal(y, net(x))
+    assert isinstance(net.act, nn.ReLU) and "forward" not in vars(net)  # the original is untouched
+    assert [r["kind"] for r in describe(q)].count("float-op") == 0
+
+
+def test_signed_activations_quantize_on_an_affine_grid_that_matches_torch():
+    torch.manual_seed(0)
+    for act, low in [(nn.SiLU(), -0.2785), (nn.GELU(), -0.170), (nn.LeakyReLU(0.1), -0.6), (nn.Hardswish(), -0.375)]:
+        q = quantize(nn.Sequential(nn.Linear(3, 3), act), "w32a8")
+        qa = q[1]
+        assert isinstance(qa, QuantAct) and qa.kind != "relu"
+        lo, hi = qa.act_range()
+        assert hi == pytest.approx(6.0) and lo < 0 and lo == pytest.approx(low, abs=6.0 / 255)
+        x = torch.linspace(-8, 8, 401)
+        f = act(x)
+        qa_ = qa.act_quant
+        expected = torch.fake_quantize_per_tensor_affine(f, qa_.scale, -qa_.qmin, 0, 255)
+        torch.testing.assert_close(qa(x), expected, rtol=0, atol=0)
+        assert qa(x).min() < 0  # negative outputs keep a sign
+        with quantization_disabled(qa):
+            torch.testing.assert_close(qa(x), f, rtol=0, atol=0)
+
+
+def test_signed_activation_refuses_pact():
+    with pytest.raises(ConfigError, match=r"activation '1' \(SiLU\).*pact"):
+        quantize(nn.Sequential(nn.Linear(3, 3), nn.SiLU()), "w4a4,act_scheme=pact")
+
+
+def test_float_ops_are_warned_about_and_described(caplog):
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.t, self.fc2 = nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(self.t(self.fc1(x)) * torch.sigmoid(x))
+
+    with caplog.at_level(logging.WARNING, logger="qrobust.quant.convert"):
+        q = quantize(Gate(), "w4a4")
+    text = caplog.text
+    assert "2 activation(s) stay float" in text and "not fully w4a4" in text
+    assert "t: Tanh module" in text and "torch.sigmoid in forward" in text
+    rows = [r for r in describe(q) if r["kind"] == "float-op"]
+    assert [r["name"] for r in rows] == ["t", "sigmoid"]
+    assert "float on the data path: 2 activation(s) (t, sigmoid)" in format_description(describe(q))
+
+
+def test_a_forward_that_does_not_trace_says_what_it_may_miss(caplog):
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                x = F.relu(x)
+            return self.act(self.fc(x))
+
+    with caplog.at_level(logging.WARNING, logger="qrobust.quant.convert"):
+        q = quantize(Branchy(), "w4a4")
+    assert isinstance(q.act, QuantAct)  # the module is still quantized
+    assert "not traced" in caplog.text and "functional activations and shared modules cannot be seen" in caplog.text
+
+
+def test_a_forward_that_branches_on_training_is_not_rewritten(caplog):
+    class ModeNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.relu(self.fc(x)) if self.training else F.relu6(self.fc(x))
+
+    with caplog.at_level(logging.WARNING, logger="qrobust.quant.convert"):
+        q = quantize(ModeNet(), "w4a4")
+    assert "forward" not in vars(q)
+    assert "train and eval mode" in caplog.text
+
+
+def test_relu_ranges_are_said_and_calibration_sets_them(caplog):
+    torch.manual_seed(0)
+    net = FunctionalNet().eval()
+    with caplog.at_level(logging.WARNING, logger="qrobust.quant.convert"):
+        quantize(net, "w4a4")
+    assert "clip at act_clip" in caplog.text and "calibrate=data" in caplog.text
+    x = torch.rand(64, 1, 8, 8)
+    peaks: dict[str, float] = {}
+    probe = quantize(net, "w32a32")  # float weights and activations: measure each site's largest output
+    for name, m in probe.named_modules():
+        if isinstance(m, QuantAct):
+            m.register_forward_hook(lambda _m, _i, out, name=name: peaks.__setitem__(name, float(out.detach().max())))
+    probe.eval()(x)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qrobust.quant.convert"):
+        q = quantize(net, "w4a4", calibrate=(x, torch.zeros(64, dtype=torch.long)))
+    assert "clip at act_clip" not in caplog.text
+    for name, m in q.named_modules():
+        if isinstance(m, QuantAct):
+            assert m.act_range() == (0.0, pytest.approx(peaks[name], rel=1e-5))
+            assert q.qrobust_spec["overrides"][name]["act_clip"] == pytest.approx(peaks[name], rel=1e-5)
+    ranges = {r["name"]: r["range"] for r in describe(q) if r["kind"] == "act"}
+    assert ranges["act"][1] == pytest.approx(peaks["act"], rel=1e-5)
+    assert "range" in format_description(describe(q)).splitlines()[0]
+    # an act_clip the user set for a site wins over calibration
+    q2 = quantize(net, QuantSpec.parse("w4a4", overrides={"act": {"act_clip": 2.0}}), calibrate=x)
+    assert q2.act.act_range() == (0.0, 2.0)
+    with pytest.raises(ConfigError, match="calibrate= holds no"):
+        quantize(net, "w4a4", calibrate=torch.zeros(0, 1, 8, 8))

@@ -4,9 +4,11 @@ The public API on one screen::
 
     load_dataset(name, split)            data      → ArrayDataset of [0, 1] pixels
     build_model(name, ...)               models    → nn.Module with normalization as its first layer
-    quantize(model, "w4a4")              quant     → QAT model (straight-through estimators)
+    register_model(name, builder)        models    → your architecture by name (CLI, load from the path)
+    quantize(model, "w4a4", calibrate=)  quant     → QAT model (straight-through estimators), any nn.Module
     fit(model, data, objective=...)      training  → trained model, run folder, metrics.jsonl
-    save(model, path) / load(path)       checkpoint→ safetensors + JSON metadata, never pickle
+    save(model, path) / load(path)       checkpoint→ safetensors + JSON metadata, never pickle;
+    load(path, model=skeleton)                       your own class back, quantized to the saved spec
     PGD(model, eps=...)(x, y)            attacks   → adversarial examples (ste/native/surrogate gradients)
     evaluate(model, data, suite=...)     evaluation→ RobustnessReport: per-sample worst case + diagnostics
 """
@@ -16,7 +18,7 @@ from qrobust.checkpoint import load, save  # noqa: E402
 from qrobust.data import load_dataset  # noqa: E402
 from qrobust.errors import CheckpointError, ConfigError, DataError, InputError, QrobustError
 from qrobust.evaluation import RobustnessReport, evaluate
-from qrobust.models import build_model  # noqa: E402
+from qrobust.models import build_model, register_model  # noqa: E402
 from qrobust.quant import QuantSpec, describe, quantize  # noqa: E402
 from qrobust.training import FitConfig, accuracy, fit  # noqa: E402
 
@@ -38,5 +40,6 @@ __all__ = [
     "load",
     "load_dataset",
     "quantize",
+    "register_model",
     "save",
 ]

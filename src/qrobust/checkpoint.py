@@ -1,9 +1,19 @@
 """Safe checkpoints: safetensors weights plus JSON metadata, written atomically, never unpickled.
 
 A checkpoint is one ``.safetensors`` file. Its header metadata holds one JSON document under the key
-``"qrobust"``: the architecture and its arguments (``arch``), the :class:`~qrobust.quant.QuantSpec`
-(``spec``, absent for float models), a SHA-256 of the tensor bytes, the qrobust/torch versions and any
-user metadata (dataset, recipe, metrics …).
+``"qrobust"``: the architecture and its arguments (``arch``, None for a model of one's own), the model's
+class (``class``, its import path), the :class:`~qrobust.quant.QuantSpec` (``spec``, absent for float
+models), a SHA-256 of the tensor bytes (``sha256``), the qrobust/torch versions, any user metadata
+(dataset, recipe, metrics …) and ``header_sha256``: a SHA-256 of the rest of the document as canonical JSON
+(sorted keys, no spaces), so one changed byte of the metadata (``weight_bits`` 4 → 2) is an error, not a
+different model.
+
+Formats: ``qrobust-checkpoint/2`` is written. ``/1`` files (written before the header was covered) still
+load — their tensors are checked, and a logged note says their metadata is not.
+
+Models: one from :func:`qrobust.models.build_model` (or a ``register_model`` builder) loads from the path
+alone; any other ``nn.Module`` saves as well and loads into a skeleton of its own class,
+``load(path, model=MyNet())`` — the skeleton is quantized to the saved spec first, then takes the weights.
 
 >>> import torch, tempfile, os
 >>> from qrobust.models import build_model
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -30,13 +41,16 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qrobust._version import __version__
-from qrobust.errors import CheckpointError
-from qrobust.models import build_model
-from qrobust.quant import QuantSpec, quantize
+from qrobust.errors import CheckpointError, ConfigError
+from qrobust.models import build_from_arch
+from qrobust.quant import QuantSpec, is_quantized, quantize_as_saved
 from qrobust.utils import atomic_write
 
-FORMAT = "qrobust-checkpoint/1"
+FORMAT = "qrobust-checkpoint/2"
+OLD_FORMATS = ("qrobust-checkpoint/1",)  # digest over the tensors only
 FINAL_NAME = "final.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -60,9 +74,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Low level: write ``tensors`` and the JSON-serialisable ``meta`` to ``path`` atomically."""
-    tensors = _plain_state(tensors)
+def _header_digest(doc: dict[str, Any]) -> str:
+    """SHA-256 of the document without its own ``header_sha256``, as canonical JSON."""
+    body = {k: v for k, v in doc.items() if k != "header_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _document(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """The header's JSON text for ``tensors`` (already plain) and ``meta``; CheckpointError if not JSON."""
     doc = {
         "format": FORMAT,
         "qrobust_version": __version__,
@@ -71,9 +91,17 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         **meta,
     }
     try:
-        header = {"qrobust": json.dumps(doc, default=_json_default)}
+        doc = json.loads(json.dumps(doc, default=_json_default))  # the values exactly as they will read back
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {e}") from e
+    doc["header_sha256"] = _header_digest(doc)
+    return json.dumps(doc)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Low level: write ``tensors`` and the JSON-serialisable ``meta`` to ``path`` atomically."""
+    tensors = _plain_state(tensors)
+    header = {"qrobust": _document(tensors, meta)}
     atomic_write(Path(path), lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
 
 
@@ -89,22 +117,55 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
 
 
-def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
-    """Save ``model``'s weights and what is needed to rebuild it; keyword arguments become metadata.
+def _class_path(model: nn.Module) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
-    The model must come from :func:`qrobust.models.build_model` (it then carries ``qrobust_arch``),
-    optionally converted by :func:`qrobust.quant.quantize` (``qrobust_spec``).
+
+def _meta_of(model: nn.Module, metadata: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "arch": getattr(model, "qrobust_arch", None),
+        "class": _class_path(model),
+        "spec": getattr(model, "qrobust_spec", None),
+        "metadata": metadata,
+    }
+
+
+def _checked_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise CheckpointError(
+            f"the state dict of {type(model).__name__} holds entries that are not tensors ({bad[:5]}); a "
+            "safetensors checkpoint stores tensors only: keep extra state in metadata instead"
+        )
+    return state
+
+
+def check_saveable(model: nn.Module, **metadata: Any) -> None:
+    """Raise CheckpointError now if :func:`save` of ``model`` with ``metadata`` would fail (nothing written).
+
+    ``fit`` calls it before training, so a run cannot end in a checkpoint that cannot be written.
     """
     model = _unwrap(model)
-    arch = getattr(model, "qrobust_arch", None)
-    if arch is None:
-        raise CheckpointError(
-            "this model has no 'qrobust_arch': build it with qrobust.models.build_model so that the "
-            "checkpoint can rebuild it"
-        )
-    meta = {"arch": arch, "spec": getattr(model, "qrobust_spec", None), "metadata": metadata}
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"only a torch.nn.Module can be saved, got {type(model).__name__}")
+    _document({}, _meta_of(model, metadata))
+    _checked_state(model)
+
+
+def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
+    """Save ``model``'s weights, spec and metadata (keyword arguments); any ``nn.Module`` can be saved.
+
+    A model from :func:`qrobust.models.build_model` (quantized or not) records
+    its ``qrobust_arch`` and loads back from the path alone; any other model loads back into a skeleton
+    of its own class, ``load(path, model=skeleton)``.
+    """
+    model = _unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"only a torch.nn.Module can be saved, got {type(model).__name__}")
     path = Path(path)
-    save_tensors(path, model.state_dict(), meta)
+    save_tensors(path, _checked_state(model), _meta_of(model, metadata))
     return path
 
 
@@ -154,10 +215,23 @@ def read_tensors(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[
         meta = json.loads(header["qrobust"])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{p}: the checkpoint's metadata is corrupt JSON: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{p}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
-    if verify and meta.get("sha256") != _digest(tensors):
-        raise CheckpointError(f"{p}: the weights do not match their recorded SHA-256: the file is corrupt")
+    if not isinstance(meta, dict) or (meta.get("format") != FORMAT and meta.get("format") not in OLD_FORMATS):
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{p}: unknown checkpoint format {got!r}, expected {FORMAT!r}")
+    if verify:
+        if meta["format"] in OLD_FORMATS:
+            log.info(
+                "%s is a %s checkpoint of an earlier qrobust: its weights are checked, its metadata (arch, spec) "
+                "is not covered by a digest; save it again to cover both", p, meta["format"],
+            )  # fmt: skip
+        elif meta.get("header_sha256") != _header_digest(meta):
+            raise CheckpointError(
+                f"{p}: the checkpoint's metadata (header) does not match its recorded SHA-256: it was changed "
+                "after saving (an edited arch, spec or metadata would load as a different model); use the "
+                "original file, or re-save the model"
+            )
+        if meta.get("sha256") != _digest(tensors):
+            raise CheckpointError(f"{p}: the weights do not match their recorded SHA-256: the file is corrupt")
     return tensors, meta
 
 
@@ -169,12 +243,20 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def build_from_meta(meta: dict) -> nn.Module:
     """An untrained model with the architecture (and quantization) a checkpoint describes."""
     arch = meta.get("arch")
+    if arch is None:  # a model of one's own (epoch checkpoints of fit do not record the class)
+        cls = meta.get("class") or "a class of yours"
+        short = meta["class"].rpartition(".")[2] if meta.get("class") else "MyNet"
+        raise CheckpointError(
+            f"this checkpoint holds a model of your own ({cls}), not a registered architecture: "
+            f"load it into a skeleton of its class, qrobust.load(path, model={short}"
+            "(...)), or register its builder with qrobust.models.register_model so it loads from the path alone"
+        )
     if not isinstance(arch, dict) or "name" not in arch:
         raise CheckpointError("checkpoint metadata has no valid 'arch' (architecture name and arguments)")
     try:
-        model = build_model(arch["name"], **arch.get("kwargs", {}))
+        model = build_from_arch(arch)
         if meta.get("spec"):
-            model = quantize(model, QuantSpec.from_dict(meta["spec"]), inplace=True)
+            model = quantize_as_saved(model, QuantSpec.from_dict(meta["spec"]))
     except CheckpointError:
         raise
     except Exception as e:  # an arch/spec that this version cannot build
@@ -203,15 +285,50 @@ def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], *, sourc
     model.load_state_dict(tensors, strict=True)
 
 
-def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+def _into_skeleton(skeleton: nn.Module, meta: dict, source: str) -> nn.Module:
+    """``skeleton`` quantized to the checkpoint's spec (in place), ready for the weights."""
+    if not isinstance(skeleton, nn.Module):
+        raise ConfigError(f"model= must be an nn.Module of the saved model's class, got {type(skeleton).__name__}")
+    skeleton = _unwrap(skeleton)
+    saved_class = meta.get("class")
+    if saved_class and saved_class != _class_path(skeleton):
+        log.warning("%s was saved from %s; loading it into a %s", source, saved_class, _class_path(skeleton))
+    spec = meta.get("spec")
+    if is_quantized(skeleton):
+        if not spec or QuantSpec.from_dict(spec) != QuantSpec.coerce(getattr(skeleton, "qrobust_spec", None)):
+            raise CheckpointError(
+                f"model= is already quantized ({getattr(skeleton, 'qrobust_spec', {}).get('name', '?')}) but "
+                f"{source} holds {(spec or {}).get('name', 'a float model')}: pass the float skeleton; load "
+                "quantizes it to the saved spec"
+            )
+        return skeleton
+    if spec:
+        try:
+            skeleton = quantize_as_saved(skeleton, QuantSpec.from_dict(spec))
+        except ConfigError as e:
+            raise CheckpointError(
+                f"{source}: cannot quantize model= to the saved spec {spec.get('name')!r}: {e}"
+            ) from e
+    return skeleton
+
+
+def load(
+    path: str | os.PathLike, *, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+) -> nn.Module:
     """Rebuild the model saved at ``path`` (file or run folder), in eval mode, expecting [0, 1] pixels.
 
-    The metadata document is attached as ``model.qrobust_meta``.
+    ``model`` — a freshly built *float* instance of the saved model's class, as for ``load_state_dict`` —
+    receives the checkpoint instead of a rebuilt registry architecture: it is quantized to the saved spec
+    (in place) and takes the weights; a skeleton whose layers do not match is a CheckpointError naming the
+    missing, unexpected and mis-shaped entries. The metadata document is attached as ``model.qrobust_meta``.
     """
     tensors, meta = read_tensors(path)
-    model = build_from_meta(meta)
+    source = str(resolve_checkpoint(path))
+    net = build_from_meta(meta) if model is None else _into_skeleton(model, meta, source)
     # epoch checkpoints also carry optimizer/RNG state under "__…" keys: not part of the model
     weights = {k: v for k, v in tensors.items() if not k.startswith("__")}
-    load_state_into(model, weights, source=str(resolve_checkpoint(path)))
-    model.qrobust_meta = meta
-    return model.to(map_location).eval()
+    if model is not None and meta.get("class"):
+        source = f"{source} (saved from {meta['class']})"
+    load_state_into(net, weights, source=source)
+    net.qrobust_meta = meta
+    return net.to(map_location).eval()

@@ -476,6 +476,9 @@ def _fit(
                     _write_metrics(out_path, history)
 
     if out_path is not None and rank == 0:
+        # the run ends in ckpt.save: whatever would stop it (metadata that is not JSON, a state dict it
+        # cannot store) fails here, before any training
+        ckpt.check_saveable(model, **run_meta, history=[])
         atomic_write_text(
             out_path / "config.json",
             json.dumps(

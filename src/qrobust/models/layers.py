@@ -86,6 +86,7 @@ class Normalize(nn.Module):
 
     mean: torch.Tensor
     std: torch.Tensor
+    qrobust_fx_leaf = True  # quantize's torch.fx tracing does not look inside (its shape check would stop it)
 
     def __init__(
         self,

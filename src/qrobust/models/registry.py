@@ -15,11 +15,24 @@ floats), so a checkpoint can be turned back into the same architecture::
 
 Names: ``small_cnn``, ``digits_cnn``, ``resnet20``/``resnet56`` (any ``resnet<6n+2>``),
 ``preact_resnet18``, ``wrn-D-K`` (e.g. ``wrn-28-10``; D = 6n+4) and ``vgg16``.
+
+Your own architecture joins with :func:`register_model` (its builder gets the common arguments it accepts
+and its declared options). The record of a model built from it names the builder's module
+(``qrobust_arch["module"]``), so another process — the CLI loading a checkpoint — imports that module
+(which registers the name again) before building. A package can instead declare an entry point in the
+group ``qrobust.models`` (``mynet = "mypkg.nets:build_mynet"``: the builder, whose keyword parameters with
+plain defaults become its options; or a module that registers on import); an unknown name is looked up
+there. Only installed modules are imported, never code from a
+checkpoint. Builders defined in ``__main__`` (a script) are not importable elsewhere: load their
+checkpoints with ``load(path, model=skeleton)`` or register them in a module.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import importlib.metadata
+import inspect
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -56,9 +69,12 @@ class ModelEntry:
     pattern: re.Pattern[str] | None = None
     listed_as: tuple[str, ...] = ()
     example: str = ""
+    module: str | None = None  # the module to import in another process (None: built in, or __main__)
 
 
 _REGISTRY: list[ModelEntry] = []
+ENTRY_POINT_GROUP = "qrobust.models"
+_COMMON = ("num_classes", "in_channels", "input_size", "activation", "mean", "std")
 
 
 def register_model(
@@ -72,9 +88,36 @@ def register_model(
     listed_as: Sequence[str] = (),
     example: str = "",
 ) -> ModelEntry:
-    """Add an architecture to the registry (``pattern``: a regex with named integer groups, e.g. depth)."""
-    if any(e.name == name for e in _REGISTRY):
+    """Add an architecture to the registry (``pattern``: a regex with named integer groups, e.g. depth).
+
+    ``builder(**arguments)`` returns the float model; it receives those of the common arguments
+    (``num_classes``, ``in_channels``, ``input_size``, ``activation``, ``mean``, ``std``) its signature
+    accepts (all of them with ``**kwargs``), the pattern's integers and ``options`` (name → default, the
+    default's type being the option's type). Registering the same builder again under its name is a no-op
+    (a module imported twice); another builder under a taken name is a ConfigError. In a module
+    ``mypkg/nets.py``::
+
+        def build_mynet(*, num_classes, in_channels, width=16):
+            return MyNet(num_classes=num_classes, in_channels=in_channels, width=width)
+
+        register_model("mynet", build_mynet, options={"width": 16}, summary="my own CNN")
+
+    ``build_model("mynet", num_classes=10, in_channels=1, width=32)`` then builds it, and its checkpoints
+    load from the path alone wherever ``mypkg`` imports.
+    """
+    if not isinstance(name, str) or not name.strip() or not callable(builder):
+        raise ConfigError(f"register_model needs a name and a callable builder, got {name!r}, {builder!r}")
+    same = [e for e in _REGISTRY if e.name == name]
+    if same:
+        old = same[0].builder
+        if getattr(old, "__qualname__", None) == getattr(builder, "__qualname__", None) and getattr(
+            old, "__module__", None
+        ) == getattr(builder, "__module__", None):
+            return same[0]
         raise ConfigError(f"a model named {name!r} is already registered")
+    module = getattr(builder, "__module__", None)
+    if module == "__main__" or (module or "").startswith("qrobust."):
+        module = None
     entry = ModelEntry(
         name=name,
         builder=builder,
@@ -84,9 +127,28 @@ def register_model(
         pattern=re.compile(pattern) if pattern else None,
         listed_as=tuple(listed_as) or (name,),
         example=example or name,
+        module=module,
     )
     _REGISTRY.append(entry)
     return entry
+
+
+def _from_entry_points(key: str) -> bool:
+    """Register ``key`` from an installed package's ``qrobust.models`` entry point; True if it now is."""
+    try:
+        points = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name.lower() == key]
+    except Exception:  # noqa: BLE001 - broken package metadata must not break build_model
+        return False
+    for ep in points:
+        try:
+            obj = ep.load()
+        except Exception as e:  # noqa: BLE001 - said to the user
+            raise ConfigError(
+                f"the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) does not import: {e}"
+            ) from e
+        if not any(e.name == ep.name for e in _REGISTRY) and callable(obj) and not inspect.ismodule(obj):
+            register_model(ep.name, obj, summary=f"from entry point {ep.value}", options=_default_options(obj))
+    return any(e.name.lower() == key for e in _REGISTRY)
 
 
 def available_models() -> list[str]:
@@ -98,9 +160,13 @@ def _resolve(name: str) -> tuple[ModelEntry, str, dict[str, int]]:
     if not isinstance(name, str):
         raise ConfigError(f"model name must be a string, one of {available_models()}, got {name!r}")
     key = name.strip().lower()
+    if not any(e.name.lower() == key for e in _REGISTRY) and not any(
+        e.pattern is not None and e.pattern.fullmatch(key) for e in _REGISTRY
+    ):
+        _from_entry_points(key)
     for e in _REGISTRY:
         if e.pattern is None:
-            if key == e.name:
+            if key == e.name.lower():
                 return e, e.name, {}
             continue
         if key == e.name.lower():
@@ -224,16 +290,10 @@ def build_model(
         raise ConfigError(f"{canonical} got unknown option(s) {unknown}; its own options are: {valid}")
     options = {k: _coerce_option(canonical, k, args.get(k, d), d) for k, d in entry.options.items()}
 
-    model = entry.builder(
-        num_classes=num_classes,
-        in_channels=in_channels,
-        input_size=input_size,
-        activation=activation,
-        mean=mean_l,
-        std=std_l,
-        **groups,
-        **options,
-    )
+    common = dict(zip(_COMMON, (num_classes, in_channels, input_size, activation, mean_l, std_l)))
+    model = entry.builder(**_accepted(entry.builder, common), **groups, **options)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"the builder of {canonical!r} returned {type(model).__name__}, not an nn.Module")
     arch = {
         "name": canonical,
         "kwargs": {
@@ -246,14 +306,50 @@ def build_model(
             **options,
         },
     }
+    if entry.module is not None:
+        arch["module"] = entry.module
     model.qrobust_arch = json.loads(json.dumps(arch))  # a plain, JSON-clean copy
     return model
+
+
+def _default_options(builder: Builder) -> dict[str, Any]:
+    """An entry-point builder's options: its keyword parameters with plain defaults, common ones aside."""
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params
+        if p.name not in _COMMON and isinstance(p.default, (bool, int, float, str)) and p.default is not p.empty
+    }
+
+
+def _accepted(builder: Builder, common: dict[str, Any]) -> dict[str, Any]:
+    """The common arguments ``builder``'s signature takes (all of them with ``**kwargs``)."""
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return common
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return common
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in common.items() if k in names}
 
 
 def build_from_arch(arch: Mapping[str, Any]) -> nn.Module:
     """Rebuild a model from a ``qrobust_arch`` record (e.g. read from checkpoint metadata)."""
     if not isinstance(arch, Mapping) or "name" not in arch or not isinstance(arch.get("kwargs", {}), Mapping):
         raise ConfigError(f"an architecture record is {{'name': str, 'kwargs': dict}}, got {arch!r}")
+    module = arch.get("module")
+    if isinstance(module, str) and not any(e.name.lower() == str(arch["name"]).lower() for e in _REGISTRY):
+        try:
+            importlib.import_module(module)  # registers the name (an installed module, never checkpoint code)
+        except ImportError as e:
+            raise ConfigError(
+                f"model {arch['name']!r} is registered by module {module!r}, which does not import here ({e}): "
+                "install or put it on PYTHONPATH, or load with qrobust.load(path, model=skeleton)"
+            ) from e
     return build_model(arch["name"], kwargs=arch.get("kwargs", {}))
 
 

@@ -13,6 +13,7 @@ from qrobust.quant.convert import (
     is_quantized,
     load_float_state_dict,
     quantize,
+    quantize_as_saved,
     quantizer_state_keys,
     size_totals,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "quant_modules",
     "quantization_disabled",
     "quantize",
+    "quantize_as_saved",
     "quantizer_state_keys",
     "round_q",
     "round_ste",

@@ -1,11 +1,19 @@
 """Turn a float model into a quantization-aware one, and describe what each layer costs.
 
 ``quantize(model, spec)`` swaps every ``nn.Conv2d``/``nn.Linear`` (exact types) for ``QuantConv2d``/
-``QuantLinear`` and every ``nn.ReLU``/``nn.ReLU6`` module for ``QuantAct``; the float weights are kept as the
+``QuantLinear`` and every activation site for ``QuantAct``: ``nn.ReLU``/``ReLU6``/``SiLU``/``GELU``/
+``LeakyReLU``/``Hardswish`` modules, and — found by tracing ``forward`` with torch.fx
+(:mod:`qrobust.quant.sites`) — functional calls (``F.relu``, ``torch.relu``, ``x.relu()`` …) and second
+uses of a shared module, each of which first gets a module of its own. The float weights are kept as the
 latent parameters under the same state-dict names, so a float checkpoint loads into the quantized model with
 only the quantizers' own entries (LSQ ``…weight_quant.step``, PACT ``…act_quant.alpha``) missing — see
-:func:`load_float_state_dict`. Subclasses of those layers and functional activations are left alone (a
-warning names them).
+:func:`load_float_state_dict`. Whatever stays float (subclasses of those layers, sigmoid/tanh/…, sites of a
+``forward`` that does not trace) is named in a warning and listed by :func:`describe`.
+
+Activation ranges: ReLU-family sites quantize [0, α] and signed ones (SiLU, GELU, LeakyReLU, Hardswish)
+[lo, α], α = ``act_clip`` (6 by default; ReLU6 ≤ 6); a warning says so for activations not bounded by
+themselves. ``calibrate=data`` sets each site's α to the largest output the float model gives on ``data``
+instead, recorded as ``act_clip`` overrides in the spec (so a checkpoint rebuilds the same ranges).
 
 Size accounting of :func:`describe` (stated once, used everywhere): each weight costs its bit-width; every
 other number a deployed model stores costs 32 bits — biases, per-tensor/per-channel scales and LSQ steps
@@ -36,8 +44,9 @@ from torch import nn
 from qrobust.errors import CheckpointError, ConfigError
 from qrobust.quant.layers import QuantAct, QuantConv2d, QuantLinear
 from qrobust.quant.quantizers import Quantizer
+from qrobust.quant.sites import ACT_MODULES, _float_ops, float_ops, separate_sites
 from qrobust.quant.spec import FLOAT_BITS, QuantSpec
-from qrobust.utils import model_device
+from qrobust.utils import eval_mode, model_device
 
 __all__ = [
     "describe",
@@ -45,6 +54,7 @@ __all__ = [
     "is_quantized",
     "load_float_state_dict",
     "quantize",
+    "quantize_as_saved",
     "quantizer_state_keys",
     "size_totals",
 ]
@@ -53,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear, QuantAct)
 _WEIGHT_TYPES = (nn.Conv2d, nn.Linear)
-_ACT_TYPES = (nn.ReLU, nn.ReLU6)
+_ACT_TYPES = tuple(ACT_MODULES)
 _WEIGHT_FIELDS = ("weight_bits", "weight_scheme")
 _ACT_FIELDS = ("act_bits", "act_scheme", "act_clip")
 
@@ -76,7 +86,7 @@ def _swappable(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tupl
             skipped.append(f"{name or '<root>'} ({type(m).__name__})")
     if skipped:
         logger.warning(
-            "quantize: left %d module(s) unquantized because they subclass Conv2d/Linear/ReLU/ReLU6 "
+            "quantize: left %d module(s) unquantized because they subclass Conv2d/Linear or an activation "
             "rather than being those exact types: %s",
             len(skipped),
             ", ".join(skipped[:10]) + (" …" if len(skipped) > 10 else ""),
@@ -103,30 +113,148 @@ def _check_overrides(spec: QuantSpec, weight_names: list[str], act_names: list[s
             valid = weight_names + act_names
             shown = ", ".join(valid[:30]) + (f", … ({len(valid)} in all)" if len(valid) > 30 else "")
             raise ConfigError(
-                f"override {key!r} names no Conv2d/Linear/ReLU/ReLU6 module of this model (nor a prefix of "
+                f"override {key!r} names no Conv2d/Linear/activation site of this model (nor a prefix of "
                 f"one's name); quantizable modules: {shown or 'none'}"
             )
         if any(f in ov for f in _WEIGHT_FIELDS) and not hit_w:
             logger.warning("override %r sets weight settings but matches no Conv2d/Linear module", key)
         if any(f in ov for f in _ACT_FIELDS) and not hit_a:
             logger.warning(
-                "override %r sets activation settings but matches no ReLU/ReLU6 module (activations are "
+                "override %r sets activation settings but matches no activation site (activations are "
                 "quantized by the activation modules, e.g. %r)",
                 key,
                 act_names[0] if act_names else "relu",
             )
 
 
+def _calibration_inputs(data: Any) -> list[torch.Tensor]:
+    """The image batches of ``calibrate=``: an ArrayDataset, an ``(x, y)`` pair, a tensor or batches."""
+    if hasattr(data, "tensors") and callable(data.tensors):
+        data = data.tensors()[0]
+    elif isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor) and len(data) <= 2 and (
+        len(data) == 1 or data[1].dim() <= 1
+    ):
+        data = data[0]
+    if isinstance(data, torch.Tensor):
+        batches = list(data.split(256)) if data.numel() else []
+    else:
+        try:
+            batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
+        except TypeError:
+            raise ConfigError(
+                f"calibrate= takes images: an ArrayDataset, an (x, y) pair, a tensor or an iterable of batches, "
+                f"got {type(data).__name__}"
+            ) from None
+    if not batches or not all(isinstance(b, torch.Tensor) and b.is_floating_point() for b in batches):
+        raise ConfigError("calibrate= holds no float image batches: give it a few hundred training images")
+    return batches
+
+
+@torch.no_grad()
+def _calibrated_clips(model: nn.Module, names: list[str], data: Any) -> dict[str, float]:
+    """The largest output of each activation site ``names`` over ``data``, run through the float ``model``."""
+    peaks = dict.fromkeys(names, float("-inf"))
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda _m, _i, out, n=n: peaks.__setitem__(n, max(peaks[n], float(out.detach().max())))
+        )
+        for n in names
+    ]
+    device = model_device(model)
+    try:
+        with eval_mode(model):
+            for x in _calibration_inputs(data):
+                model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return peaks
+
+
+def _calibrate_spec(spec: QuantSpec, model: nn.Module, acts: list[tuple[str, nn.Module]], data: Any) -> QuantSpec:
+    peaks = _calibrated_clips(model, [n for n, _ in acts], data)
+    overrides = {k: dict(v) for k, v in spec.overrides.items()}
+    kept: list[str] = []
+    for name, m in acts:
+        if any("act_clip" in ov for ov in spec.overrides_for(name)):
+            kept.append(name)  # an act_clip the user set for this site wins
+            continue
+        peak = peaks[name]
+        if not peak > 0:
+            logger.warning(
+                "calibrate: activation %r gave no positive output on the calibration data; it keeps act_clip=%g",
+                name, spec.act_config(name)["clip"],
+            )  # fmt: skip
+            continue
+        if type(m) is nn.ReLU6:
+            peak = min(peak, 6.0)
+        overrides[name] = {**overrides.get(name, {}), "act_clip": float(f"{peak:.6g}")}
+    if kept:
+        logger.info("calibrate: kept the act_clip your overrides set for %s", ", ".join(kept))
+    return spec.replace(overrides=overrides)
+
+
+def _report_ranges(target: nn.Module, spec: QuantSpec, calibrated: bool) -> None:
+    ranges = [
+        (n, m.kind, m.act_range())
+        for n, m in target.named_modules()
+        if isinstance(m, QuantAct) and m.act_range() is not None
+    ]
+    if not ranges:
+        return
+    logger.info(
+        "activation ranges: %s", ", ".join(f"{n or '<root>'} [{lo:.4g}, {hi:.4g}]" for n, _, (lo, hi) in ranges)
+    )
+    unbounded = [
+        (n, r)
+        for n, kind, r in ranges
+        if kind != "relu6" and not any("act_clip" in ov for ov in spec.overrides_for(n))
+    ]  # sites whose range is the global act_clip, not one set for them (or calibrated)
+    if unbounded and not calibrated and any(
+        m.scheme == "clip" for _, m in target.named_modules() if isinstance(m, QuantAct)
+    ):
+        shown = ", ".join(f"{n or '<root>'} [{lo:.3g}, {hi:.3g}]" for n, (lo, hi) in unbounded[:6])
+        logger.warning(
+            "quantize: %d activation(s) unbounded in float now clip at act_clip (%s%s); a model not trained "
+            "with that clip loses accuracy — pass calibrate=data to set each range from the data, or set act_clip",
+            len(unbounded), shown, " …" if len(unbounded) > 6 else "",
+        )  # fmt: skip
+
+
+def _warn_float(target: nn.Module, spec: QuantSpec) -> None:
+    if spec.act_bits == FLOAT_BITS and not any(
+        ov.get("act_bits", FLOAT_BITS) != FLOAT_BITS for ov in spec.overrides.values()
+    ):
+        return  # float activations were asked for
+    left = float_ops(target)
+    if left:
+        shown = "; ".join(f"{n}: {what}" for n, what in left[:8])
+        logger.warning(
+            "quantize: %d activation(s) stay float, so this model is not fully %s: %s%s — use ReLU/ReLU6/SiLU/"
+            "GELU/LeakyReLU/Hardswish (modules or F.* calls) where quantized activations are meant; "
+            "describe() lists them",
+            len(left), f"w{spec.weight_bits}a{spec.act_bits}", shown, " …" if len(left) > 8 else "",
+        )  # fmt: skip
+
+
 def quantize(
-    model: nn.Module, spec: QuantSpec | str | Mapping[str, Any], *, inplace: bool = False
+    model: nn.Module,
+    spec: QuantSpec | str | Mapping[str, Any],
+    *,
+    inplace: bool = False,
+    calibrate: Any = None,
+    _as_saved: bool = False,
 ) -> nn.Module:
     """The quantization-aware version of ``model`` under ``spec`` (a QuantSpec, ``"w4a4"`` or a dict).
 
     ``inplace=False`` (default) deep-copies ``model`` first and leaves it untouched; ``inplace=True`` swaps
     the modules of ``model`` itself and returns it, its Parameter objects unchanged (an optimizer built on
     them keeps working, though quantizer parameters such as LSQ steps are new). A trained float model keeps
-    its weights; LSQ steps are initialised from them. Sets ``model.qrobust_spec = spec.to_dict()`` and keeps
-    ``model.qrobust_arch``.
+    its weights; LSQ steps are initialised from them. Functional activations and shared activation modules
+    get modules of their own first (the model keeps its class; see :mod:`qrobust.quant.sites`).
+    ``calibrate`` — images (an ArrayDataset, an ``(x, y)`` pair, a tensor or batches) — sets each
+    activation's clip α from the float model's outputs on them (see the module docstring). Sets
+    ``model.qrobust_spec = spec.to_dict()`` (calibrated clips included) and keeps ``model.qrobust_arch``.
     """
     spec = QuantSpec.coerce(spec)
     if not isinstance(model, nn.Module):
@@ -137,7 +265,11 @@ def quantize(
             "model instead (e.g. rebuild it with qrobust.models.build_model) — quantize() is not re-entrant"
         )
     target = model if inplace else copy.deepcopy(model)
+    if type(target) not in _ACT_TYPES + _WEIGHT_TYPES:
+        separate_sites(target)
     weights, acts = _swappable(target)
+    if calibrate is not None:
+        spec = _calibrate_spec(spec, target, acts, calibrate)
     _check_overrides(spec, [n for n, _ in weights], [n for n, _ in acts])
 
     device = model_device(target)
@@ -152,15 +284,18 @@ def quantize(
         )
     for name, m in acts:
         cfg = spec.act_config(name)
-        replacements[id(m)] = QuantAct.from_float(
-            m,
-            bits=cfg["bits"],
-            scheme=cfg["scheme"],
-            clip=cfg["clip"],
-            sign_grad=cfg["sign_grad"],
-            device=device,
-            dtype=dtype,
-        )
+        try:
+            replacements[id(m)] = QuantAct.from_float(
+                m,
+                bits=cfg["bits"],
+                scheme=cfg["scheme"],
+                clip=cfg["clip"],
+                sign_grad=cfg["sign_grad"],
+                device=device,
+                dtype=dtype,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"activation {name!r} ({type(m).__name__}): {e}") from None
 
     if id(target) in replacements:  # the model is itself a single Conv2d/Linear/ReLU
         root = replacements[id(target)]
@@ -174,7 +309,14 @@ def quantize(
                     setattr(parent, child_name, replacements[id(child)])
     target.qrobust_spec = spec.to_dict()
     logger.info("quantized %d weight layer(s) and %d activation(s) to %s", len(weights), len(acts), spec)
+    _report_ranges(target, spec, calibrate is not None or _as_saved)
+    _warn_float(target, spec)
     return target
+
+
+def quantize_as_saved(model: nn.Module, spec: QuantSpec | str | Mapping[str, Any]) -> nn.Module:
+    """:func:`quantize` in place to the spec a checkpoint was trained with (no warning about its ranges)."""
+    return quantize(model, spec, inplace=True, _as_saved=True)
 
 
 def quantizer_state_keys(model: nn.Module) -> list[str]:
@@ -221,11 +363,15 @@ def load_float_state_dict(
 
 # ---- describe ---------------------------------------------------------------------------------------------
 def describe(model: nn.Module) -> list[dict[str, Any]]:
-    """One row per Conv2d/Linear and per activation (ReLU/ReLU6/QuantAct), plus an "(other)" row.
+    """One row per Conv2d/Linear and per activation module (QuantAct or float), a row per other float op on
+    the data path, plus an "(other)" row.
 
-    Row keys: ``name, type, kind ("weight" | "act" | "other"), scheme ("float" when unquantized),
-    weight_bits, act_bits (None where not applicable), params (learnable parameters, quantizer ones
-    included), size_bits, float_bits``. Sizes follow the module docstring. Works on float models too.
+    Row keys: ``name, type, kind ("weight" | "act" | "float-op" | "other"), scheme ("float" when
+    unquantized), weight_bits, act_bits (None where not applicable), range (an activation quantizer's
+    ``(lo, hi)``, else None), params (learnable parameters, quantizer ones included), size_bits,
+    float_bits``. ``"float-op"`` rows are the activations computing in float that are not modules listed
+    above — functional calls, sigmoid/tanh … (:func:`qrobust.quant.sites.float_ops`). Sizes follow the
+    module docstring. Works on float models too.
     """
     rows: list[dict[str, Any]] = []
     counted: set[int] = set()
@@ -241,7 +387,7 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
                 {
                     "name": name, "type": type(m).__name__, "kind": "weight",
                     "scheme": q.scheme if q is not None else "float", "weight_bits": bits, "act_bits": None,
-                    "params": n_w + n_b + n_q, "size_bits": n_w * bits + 32 * (n_b + scales),
+                    "range": None, "params": n_w + n_b + n_q, "size_bits": n_w * bits + 32 * (n_b + scales),
                     "float_bits": 32 * (n_w + n_b),
                 }
             )  # fmt: skip
@@ -253,11 +399,21 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
                     "name": name, "type": type(m).__name__, "kind": "act",
                     "scheme": q.scheme if q is not None else "float", "weight_bits": None,
                     "act_bits": m.bits if q is not None else FLOAT_BITS,
+                    "range": m.act_range() if q is not None else None,
                     "params": sum(p.numel() for p in m.parameters()),
                     "size_bits": 32 * q.num_scales() if q is not None else 0, "float_bits": 0,
                 }
             )  # fmt: skip
             counted.update(id(p) for p in m.parameters())
+    listed = {r["name"] for r in rows}
+    for name, what, is_module in _float_ops(model):
+        if not (is_module and name in listed):
+            rows.append(
+                {
+                    "name": name, "type": what, "kind": "float-op", "scheme": "float", "weight_bits": None,
+                    "act_bits": FLOAT_BITS, "range": None, "params": 0, "size_bits": 0, "float_bits": 0,
+                }
+            )  # fmt: skip
     other_types: set[str] = set()
     n_other = 0
     for m in model.modules():
@@ -270,8 +426,8 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": "(other)", "type": ",".join(sorted(other_types)), "kind": "other", "scheme": "float",
-                "weight_bits": FLOAT_BITS, "act_bits": None, "params": n_other, "size_bits": 32 * n_other,
-                "float_bits": 32 * n_other,
+                "weight_bits": FLOAT_BITS, "act_bits": None, "range": None, "params": n_other,
+                "size_bits": 32 * n_other, "float_bits": 32 * n_other,
             }
         )  # fmt: skip
     return rows
@@ -295,7 +451,7 @@ def _kib(bits: int) -> str:
 
 def format_description(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of ``describe`` rows with totals and the compression ratio vs float32."""
-    header = ("layer", "type", "scheme", "w bits", "a bits", "params", "size bits")
+    header = ("layer", "type", "scheme", "w bits", "a bits", "range", "params", "size bits")
     body = [
         (
             r["name"] or "<root>",
@@ -303,13 +459,14 @@ def format_description(rows: list[dict[str, Any]]) -> str:
             r["scheme"],
             "-" if r["weight_bits"] is None else str(r["weight_bits"]),
             "-" if r["act_bits"] is None else str(r["act_bits"]),
+            "-" if r.get("range") is None else f"[{r['range'][0]:.3g}, {r['range'][1]:.3g}]",
             f"{r['params']:,}",
             f"{r['size_bits']:,}",
         )
         for r in rows
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
-    right = {3, 4, 5, 6}
+    right = {3, 4, 6, 7}
 
     def fmt(cells: tuple[str, ...]) -> str:
         return "  ".join(
@@ -327,4 +484,7 @@ def format_description(rows: list[dict[str, Any]]) -> str:
         "(weights at their bit-widths; biases, scales, clip levels and other parameters at 32 bits; "
         "buffers not counted)"
     )
+    floats = [r for r in rows if r["kind"] == "float-op"]
+    if floats and any(r["scheme"] != "float" for r in rows):  # a quantized model with float activations
+        lines.append(f"float on the data path: {len(floats)} activation(s) ({', '.join(r['name'] for r in floats)})")
     return "\n".join(lines)

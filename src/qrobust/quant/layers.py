@@ -5,7 +5,7 @@ are fake-quantized once per forward — standard quantization-aware training wit
 estimators. A quantizer's own parameters live under ``weight_quant.`` / ``act_quant.``.
 
 Every layer has ``quant_enabled`` (True by default). When False, ``QuantConv2d``/``QuantLinear`` use the
-float weight and ``QuantAct`` is exactly the activation it replaced (ReLU or ReLU6), whatever its clip α:
+float weight and ``QuantAct`` is exactly the activation it replaced (ReLU, ReLU6, SiLU …), whatever its α:
 that is the float surrogate :func:`qrobust.quant.modes.quantization_disabled` gives attacks.
 """
 
@@ -19,13 +19,18 @@ from torch import nn
 
 from qrobust.errors import ConfigError
 from qrobust.quant.modes import get_gradient_mode
-from qrobust.quant.quantizers import Quantizer, _act_quantizer, _weight_quantizer
+from qrobust.quant.quantizers import Quantizer, RangeActQuantizer, _act_quantizer, _weight_quantizer
 from qrobust.quant.spec import FLOAT_BITS, check_act_config, check_weight_config
 from qrobust.validation import check_choice
 
-__all__ = ["ACT_KINDS", "QuantAct", "QuantConv2d", "QuantLinear"]
+__all__ = ["ACT_KINDS", "SIGNED_KINDS", "QuantAct", "QuantConv2d", "QuantLinear", "signed_act_low"]
 
-ACT_KINDS = ("relu", "relu6")
+ACT_KINDS = ("relu", "relu6", "silu", "gelu", "leaky_relu", "hardswish")
+SIGNED_KINDS = ("silu", "gelu", "leaky_relu", "hardswish")  # outputs that go negative
+_MODULE_KINDS: dict[type, str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.GELU: "gelu", nn.LeakyReLU: "leaky_relu",
+    nn.Hardswish: "hardswish",
+}  # fmt: skip
 _RELU6_MAX = 6.0
 
 
@@ -164,12 +169,39 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         return super().extra_repr() + self._quant_repr()
 
 
-class QuantAct(nn.Module):
-    """A ReLU/ReLU6 replaced by a quantized activation (``act_quant``), or itself at 32 bits.
+def _float_act(kind: str, x: torch.Tensor, *, inplace: bool, negative_slope: float, approximate: str) -> torch.Tensor:
+    """The float activation a QuantAct of ``kind`` replaced."""
+    if kind == "relu":
+        return F.relu(x, inplace=inplace)
+    if kind == "relu6":
+        return F.relu6(x, inplace=inplace)
+    if kind == "silu":
+        return F.silu(x, inplace=inplace)
+    if kind == "gelu":
+        return F.gelu(x, approximate=approximate)
+    if kind == "leaky_relu":
+        return F.leaky_relu(x, negative_slope, inplace=inplace)
+    return F.hardswish(x, inplace=inplace)
 
-    ``clip`` is α of the "clip" scheme (the initial α of "pact"); for ``kind="relu6"`` it is capped at 6 so
-    the quantized range never exceeds ReLU6's. With quantization disabled (or 32 bits) the layer is
-    exactly ``relu``/``relu6`` again.
+
+def signed_act_low(kind: str, clip: float, *, negative_slope: float = 0.01, approximate: str = "none") -> float:
+    """The lowest output of a signed activation on inputs ≥ −clip (SiLU −0.278, GELU −0.170, Hardswish −0.375,
+    LeakyReLU −slope·clip): the bottom of its quantizer's range."""
+    grid = torch.linspace(-float(clip), 0.0, 20001, dtype=torch.float64)
+    low = _float_act(kind, grid, inplace=False, negative_slope=negative_slope, approximate=approximate).min()
+    return float(low)
+
+
+class QuantAct(nn.Module):
+    """An activation module replaced by a quantized activation (``act_quant``), or itself at 32 bits.
+
+    Kinds: ``relu``/``relu6`` — ``clip`` is α of the "clip" scheme (the initial α of "pact") and the range is
+    [0, α]; for ``relu6`` α is capped at 6 so the quantized range never exceeds ReLU6's. ``silu``, ``gelu``,
+    ``leaky_relu`` (``negative_slope``) and ``hardswish`` go negative: their output is quantized by a
+    signed :class:`~qrobust.quant.quantizers.RangeActQuantizer` on [lo, α], lo the activation's lowest
+    output on inputs ≥ −α (:func:`signed_act_low`); they take the "clip" (and, at 1 bit, "sign") scheme.
+    With quantization disabled (or 32 bits) the layer is exactly the float activation again.
+    :meth:`act_range` is the range the quantizer got.
 
     >>> act = QuantAct(2, clip=3.0)
     >>> act(torch.tensor([-1.0, 0.4, 1.2, 9.0]))
@@ -177,6 +209,8 @@ class QuantAct(nn.Module):
     >>> act.quant_enabled = False
     >>> act(torch.tensor([-1.0, 0.4, 1.2, 9.0]))
     tensor([0.0000, 0.4000, 1.2000, 9.0000])
+    >>> [round(v, 3) for v in QuantAct(4, kind="silu").act_range()]
+    [-0.429, 6.0]
     """
 
     def __init__(
@@ -188,6 +222,8 @@ class QuantAct(nn.Module):
         sign_grad: str = "identity",
         kind: str = "relu",
         inplace: bool = False,
+        negative_slope: float = 0.01,
+        approximate: str = "none",
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -196,7 +232,20 @@ class QuantAct(nn.Module):
         bits, self.scheme, clip, self.sign_grad = check_act_config(bits, scheme, clip, sign_grad)
         if self.kind == "relu6":
             clip = min(clip, _RELU6_MAX)
-        quantizer = _act_quantizer(self.scheme, bits, clip=clip, sign_grad=self.sign_grad, device=device, dtype=dtype)
+        self.negative_slope = float(negative_slope)
+        self.approximate = str(approximate)
+        if self.kind in SIGNED_KINDS and self.scheme == "pact" and bits != FLOAT_BITS:
+            raise ConfigError(
+                f"act_scheme='pact' learns the clip of ReLU/ReLU6 activations; a {self.kind} activation takes "
+                "'clip' (its range set by act_clip or calibrate=data): use act_scheme='clip' or an override"
+            )
+        if self.kind in SIGNED_KINDS and self.scheme == "clip" and bits != FLOAT_BITS:
+            low = signed_act_low(self.kind, clip, negative_slope=self.negative_slope, approximate=self.approximate)
+            quantizer: Quantizer | None = RangeActQuantizer(bits, lo=low, hi=clip)
+        else:
+            quantizer = _act_quantizer(
+                self.scheme, bits, clip=clip, sign_grad=self.sign_grad, device=device, dtype=dtype
+            )
         self.bits = bits
         self.clip = clip
         self.inplace = bool(inplace)
@@ -215,40 +264,63 @@ class QuantAct(nn.Module):
         device: Any = None,
         dtype: Any = None,
     ) -> QuantAct:
-        """The QuantAct replacing ``act`` (an ``nn.ReLU`` or ``nn.ReLU6``)."""
-        if type(act) is nn.ReLU:
-            kind = "relu"
-        elif type(act) is nn.ReLU6:
-            kind = "relu6"
-        else:
-            raise ConfigError(f"QuantAct replaces nn.ReLU or nn.ReLU6 modules, got {type(act).__name__}")
+        """The QuantAct replacing ``act`` (``nn.ReLU``, ``ReLU6``, ``SiLU``, ``GELU``, ``LeakyReLU``, ``Hardswish``)."""
+        kind = _MODULE_KINDS.get(type(act))
+        if kind is None:
+            raise ConfigError(
+                f"QuantAct replaces nn.{', nn.'.join(t.__name__ for t in _MODULE_KINDS)} modules, "
+                f"got {type(act).__name__}"
+            )
         q = cls(
             bits,
             scheme=scheme,
             clip=clip,
             sign_grad=sign_grad,
             kind=kind,
-            inplace=act.inplace,
+            inplace=getattr(act, "inplace", False),
+            negative_slope=getattr(act, "negative_slope", 0.01),
+            approximate=getattr(act, "approximate", "none"),
             device=device,
             dtype=dtype,
         )
         q.train(act.training)
         return q
 
+    def _float(self, x: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+        return _float_act(
+            self.kind, x, inplace=inplace, negative_slope=self.negative_slope, approximate=self.approximate
+        )
+
+    def act_range(self) -> tuple[float, float] | None:
+        """``(lo, hi)`` of the quantizer's levels (PACT: the current α), None at 32 bits."""
+        q = self.act_quant
+        if q is None:
+            return None
+        if isinstance(q, RangeActQuantizer):
+            return q.range()
+        if q.scheme == "sign":
+            return (-1.0, 1.0)
+        alpha = q.alpha
+        return (0.0, float(alpha.detach()) if isinstance(alpha, torch.Tensor) else float(alpha))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.act_quant
         if q is None or not self.quant_enabled or not q.quant_enabled:
-            return (
-                F.relu6(x, inplace=self.inplace) if self.kind == "relu6" else F.relu(x, inplace=self.inplace)
-            )
+            return self._float(x, inplace=self.inplace)
         mode = get_gradient_mode()
+        if self.kind in SIGNED_KINDS and self.scheme != "sign":
+            f = self._float(x, inplace=False)
+            if mode == "bpda":
+                return f + (q(f) - f).detach()
+            return q(f)
         if mode == "bpda" or (mode == "attack" and self.scheme == "sign"):
             # quantized value forward, the float activation's gradient backward (a sign activation replaced its
             # ReLU by a symmetric one: its BPDA surrogate is the identity; an attack's "ste" uses it too)
-            f = x if self.scheme == "sign" else (F.relu6(x) if self.kind == "relu6" else F.relu(x))
+            f = x if self.scheme == "sign" else self._float(x, inplace=False)
             return f + (q(x) - f).detach()
         return q(x)
 
     def extra_repr(self) -> str:
         scheme = "float" if self.act_quant is None else self.act_quant.scheme
-        return f"bits={self.bits}, scheme={scheme}, clip={self.clip:g}, kind={self.kind}"
+        extra = f", negative_slope={self.negative_slope:g}" if self.kind == "leaky_relu" else ""
+        return f"bits={self.bits}, scheme={scheme}, clip={self.clip:g}, kind={self.kind}{extra}"

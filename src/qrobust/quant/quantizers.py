@@ -16,6 +16,8 @@ weights ``binary``        α_c · sign(w), α_c = mean |w| per output channel (X
 acts ``clip``             clamp to [0, α] (fixed α), 2^b levels k·α/(2^b − 1); {0, α} at 1 bit
 acts ``pact``             the same with α learned (PACT)
 acts ``sign``             binary activations in {−1, +1} (1 bit only)
+acts ``clip``, signed     SiLU/GELU/LeakyReLU/Hardswish outputs, which go negative: 2^b affine levels
+                          on [lo, α] with zero exact (:class:`RangeActQuantizer`)
 ========================  =====================================================================
 """
 
@@ -29,6 +31,7 @@ from torch import nn
 
 from qrobust.errors import ConfigError
 from qrobust.quant import functional as QF
+from qrobust.quant.modes import fake_quant_q
 from qrobust.quant.spec import FLOAT_BITS, SIGN_GRADS, check_act_config, check_bits, check_clip, check_weight_config
 from qrobust.validation import check_choice
 
@@ -39,6 +42,7 @@ __all__ = [
     "LSQWeightQuantizer",
     "PACTActQuantizer",
     "Quantizer",
+    "RangeActQuantizer",
     "SignActQuantizer",
     "UniformWeightQuantizer",
     "make_act_quantizer",
@@ -215,6 +219,45 @@ class ClipActQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, alpha={self.alpha:g}"
+
+
+class RangeActQuantizer(Quantizer):
+    """Signed activations on [lo, hi] (lo ≤ 0 < hi): 2^b affine levels ``k·s``, s ≈ (hi − lo)/(2^b − 1), 0 exact.
+
+    The levels run from ``−z·s`` to ``(2^b − 1 − z)·s = hi`` with the zero point z = round(−lo/s) — the
+    grid of ``torch.fake_quantize_per_tensor_affine(x, s, z, 0, 2^b − 1)`` (s is then rounded so that the
+    top level is exactly hi; a lo smaller than half a step rounds to 0). Gradient under "estimator": 1 inside
+    that range, 0 outside. It quantizes an activation's *output* (SiLU, GELU … go slightly negative).
+
+    >>> q = RangeActQuantizer(2, lo=-1.0, hi=2.0)
+    >>> q(torch.tensor([-3.0, 0.2, 0.6, 1.4, 5.0]))
+    tensor([-1.,  0.,  1.,  1.,  2.])
+    >>> q.range()
+    (-1.0, 2.0)
+    """
+
+    scheme = "clip"
+
+    def __init__(self, bits: int, *, lo: float, hi: float) -> None:
+        super().__init__(_multi_bits(bits, 1, "signed activation"))
+        hi = check_clip(hi, name="hi")
+        if not (math.isfinite(lo) and lo <= 0):
+            raise ConfigError(f"a signed activation range needs a finite lo ≤ 0, got {lo!r}")
+        n = 2**self.bits - 1
+        zero_point = min(max(round(-lo * n / (hi - lo)), 0), n - 1)
+        self.scale = float(torch.tensor(hi / (n - zero_point), dtype=torch.float32))  # the top level is hi
+        self.qmin, self.qmax = -zero_point, n - zero_point
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_q(x, self.scale, self.qmin, self.qmax)
+
+    def range(self) -> tuple[float, float]:
+        """The lowest and highest level."""
+        return self.qmin * self.scale, self.qmax * self.scale
+
+    def extra_repr(self) -> str:
+        lo, hi = self.range()
+        return f"bits={self.bits}, range=[{lo:.4g}, {hi:.4g}]"
 
 
 class PACTActQuantizer(Quantizer):
