@@ -417,6 +417,9 @@ def test_package_top_exports_evaluate_and_the_report():
 
     assert qrobust.evaluate is evaluate and qrobust.RobustnessReport is RobustnessReport
     assert {"evaluate", "RobustnessReport"} <= set(qrobust.__all__)
+    # and every registered attack class, as torchattacks users expect (qrobust.PGD, qrobust.APGD, …)
+    assert {cls.__name__ for cls in ATTACKS.values()} <= set(qrobust.__all__)
+    assert all(getattr(qrobust, cls.__name__) is cls for cls in ATTACKS.values())
 
 
 # ------------------------------------------------------------------------------ adversarial examples

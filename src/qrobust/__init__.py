@@ -9,11 +9,30 @@ The public API on one screen::
     fit(model, data, objective=...)      training  → trained model, run folder, metrics.jsonl
     save(model, path) / load(path)       checkpoint→ safetensors + JSON metadata, never pickle;
     load(path, model=skeleton)                       your own class back, quantized to the saved spec
-    PGD(model, eps=...)(x, y)            attacks   → adversarial examples (ste/native/surrogate gradients)
+    PGD(model, eps=...)(x, y)            attacks   → adversarial examples (ste/bpda/native/surrogate gradients);
+                                                     FGSM, PGD, APGD, APGDT, Square, SPSA, … at the top too
     evaluate(model, data, suite=...)     evaluation→ RobustnessReport: per-sample worst case + diagnostics
 """
 
 from qrobust._version import __version__  # noqa: E402
+from qrobust.attacks import (  # noqa: E402
+    APGD,
+    APGDT,
+    BIM,
+    CW,
+    FGSM,
+    MIFGSM,
+    PGD,
+    PGDL2,
+    RFGSM,
+    SPSA,
+    Attack,
+    CWLinf,
+    External,
+    PGDpp,
+    Square,
+    Transfer,
+)
 from qrobust.checkpoint import load, save  # noqa: E402
 from qrobust.data import load_dataset  # noqa: E402
 from qrobust.errors import CheckpointError, ConfigError, DataError, InputError, QrobustError
@@ -23,6 +42,22 @@ from qrobust.quant import QuantSpec, describe, quantize  # noqa: E402
 from qrobust.training import FitConfig, accuracy, fit  # noqa: E402
 
 __all__ = [
+    "APGD",
+    "APGDT",
+    "Attack",
+    "BIM",
+    "CW",
+    "CWLinf",
+    "External",
+    "FGSM",
+    "MIFGSM",
+    "PGD",
+    "PGDL2",
+    "PGDpp",
+    "RFGSM",
+    "SPSA",
+    "Square",
+    "Transfer",
     "CheckpointError",
     "ConfigError",
     "DataError",
