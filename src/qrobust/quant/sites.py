@@ -277,16 +277,10 @@ def _float_ops(model: nn.Module) -> list[tuple[str, str, bool]]:
                 out.append((node.target, f"{type(m).__name__} module (no quantized version)", True))
             elif isinstance(m, tuple(ACT_MODULES)):
                 out.append((node.target, f"{type(m).__name__} (a subclass of a supported activation)", True))
-        elif node.op == "call_function" and (node.target in _FUNCTIONS or node.target in _FLOAT_FUNCTIONS):
+        elif (node.op == "call_function" and (node.target in _FUNCTIONS or node.target in _FLOAT_FUNCTIONS)) or (
+                node.op == "call_method" and (node.target in _METHODS or node.target in _FLOAT_METHODS)):
             where = _owner(node)
-            supported = node.target in _FUNCTIONS
-            out.append(
-                (node.name, f"{_describe_call(node)} in {where + '.' if where else ''}forward"
-                 + ("" if supported else " (no quantized version)"), False)
-            )  # fmt: skip
-        elif node.op == "call_method" and (node.target in _METHODS or node.target in _FLOAT_METHODS):
-            where = _owner(node)
-            supported = node.target in _METHODS
+            supported = node.target in (_FUNCTIONS if node.op == "call_function" else _METHODS)
             out.append(
                 (node.name, f"{_describe_call(node)} in {where + '.' if where else ''}forward"
                  + ("" if supported else " (no quantized version)"), False)
