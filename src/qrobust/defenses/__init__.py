@@ -20,6 +20,7 @@ from qrobust.defenses.objectives import (
 )
 from qrobust.defenses.odgq import OdgQ
 from qrobust.defenses.orthogonality import OrthogonalityPenalty, dq_objective, orthogonality_error
+from qrobust.defenses.random_precision import RandomPrecision, RandomPrecisionTraining
 
 __all__ = [
     "OBJECTIVES",
@@ -33,6 +34,8 @@ __all__ = [
     "OrthogonalityPenalty",
     "OverfitGuard",
     "PgdAT",
+    "RandomPrecision",
+    "RandomPrecisionTraining",
     "Sum",
     "Trades",
     "adaptive_suite",
