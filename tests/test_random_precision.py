@@ -58,3 +58,25 @@ def test_random_precision_training_updates_the_shared_weights_at_every_precision
     assert not torch.equal(bn2_before, rp.at(2)[2].running_mean)  # the 2-bit BN saw 2-bit steps
     with pytest.raises(ConfigError, match="trains a RandomPrecision"):
         RandomPrecisionTraining("ce")(_net(), x, y)
+
+
+def test_repeated_predictions_give_the_worst_case_of_a_randomized_model():
+    import qrobust
+
+    class Coin(nn.Module):  # right or wrong at random: one prediction says nothing
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+            self.g = torch.Generator().manual_seed(0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            right = torch.rand(x.shape[0], generator=self.g) < 0.5
+            out = torch.zeros(x.shape[0], 2) + self.w
+            out[right, 0], out[~right, 1] = 1.0, 1.0
+            return out
+
+    x, y = torch.rand(400, 1, 2, 2), torch.zeros(400, dtype=torch.long)
+    once = qrobust.evaluate(Coin(), (x, y), suite=["fgsm"], eps=0.1, diagnostics=False)
+    five = qrobust.evaluate(Coin(), (x, y), suite=["fgsm"], eps=0.1, diagnostics=False, repeats=5)
+    assert 0.4 < once.clean_accuracy < 0.6
+    assert five.clean_accuracy < 0.1 and five.settings["repeats"] == 5  # right five times in a row: ~3 %

@@ -63,6 +63,7 @@ def evaluate(
     model_name: str | None = None,
     dataset: str | None = None,
     state_path: str | os.PathLike | None = None,
+    repeats: int = 1,
 ) -> RobustnessReport:
     """Evaluate ``model`` on ``data`` under ``suite`` at ``eps`` (one value or a list) → a report.
 
@@ -76,8 +77,11 @@ def evaluate(
     every clean-correct sample (own robust accuracy for each, at up to the cost of running them all in
     full). ``seed`` seeds every attack (``None``: fresh randomness). ``state_path`` — a file that records
     progress after every batch, so that the same call run again continues where an interrupted one stopped
-    (:mod:`qrobust.evaluation.state`). See :mod:`qrobust.evaluation` for the suites, the sweep semantics and
-    the cost of the diagnostics.
+    (:mod:`qrobust.evaluation.state`). ``repeats`` — for a randomized model (random precision, random
+    transforms), predict every clean and adversarial point that many times and count it correct only if every
+    prediction is (a single run of a randomized model is itself random; the worst case over repeats is what
+    survives). See :mod:`qrobust.evaluation` for the suites, the sweep semantics and the cost of the
+    diagnostics.
     """
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -86,7 +90,7 @@ def evaluate(
         raise ConfigError(f"norm must be one of {THREAT_MODELS}, got {norm!r}")
     check_choice("gradients", gradients, GRADIENTS)
     for name, v in (("batch_size", batch_size), ("diagnostic_n", diagnostic_n),
-                    ("diagnostic_steps", diagnostic_steps)):
+                    ("diagnostic_steps", diagnostic_steps), ("repeats", repeats)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     if parent is not None and not isinstance(parent, nn.Module):
@@ -117,6 +121,7 @@ def evaluate(
         state = EvalState(state_path, fingerprint(model, x, y, {
             "suite": [_entry_key(e) for e in entries], "eps": eps_values, "norm": norm, "gradients": gradients,
             "seed": seed, "batch_size": batch_size, "individual": individual, "n_queries": n_queries,
+            "repeats": repeats,
             "attack_kwargs": overrides, "parent": None if parent is None else fingerprint(parent, x[:0], y[:0], {}),
             "surrogate": None if surrogate is None else fingerprint(surrogate, x[:0], y[:0], {})}))
         if state.resumed:
@@ -125,7 +130,7 @@ def evaluate(
                    check_overrides=not isinstance(suite, str), batch_size=batch_size, individual=individual,
                    keep_examples=return_examples,
                    build=BuildSettings(model=model, norm=norm, gradients=gradients, seed=seed, surrogate=surrogate),
-                   state=state)
+                   state=state, repeats=repeats)
     with ExitStack() as restore_modes:
         restore_modes.enter_context(eval_mode(model))
         if parent is not None:
@@ -133,17 +138,20 @@ def evaluate(
         pred_clean, num_classes = _predict(model, x, batch_size)
         check_label_range(y, num_classes)
         clean_correct = pred_clean == y
+        for _ in range(repeats - 1):  # a randomized model: correct only if every prediction is
+            clean_correct &= _predict(model, x, batch_size)[0] == y
         clean_acc = float(clean_correct.float().mean())
         log.info("clean accuracy %.2f%% on %d samples", 100 * clean_acc, n_total)
 
-        runs, examples = _run_sweep(model, x, y, pred_clean, sweep)
+        runs, examples = _run_sweep(model, x, y, pred_clean, clean_correct, sweep)
 
         diags: list[Diagnostic] = []
         diag_settings: dict[str, Any] = {}
         if diagnostics:
             def attack_ok(atk: Attack, xs: torch.Tensor, ys: torch.Tensor, idx: torch.Tensor,
                           desc: str) -> torch.Tensor:
-                return _run_attack(atk, model, xs, ys, idx, batch_size=batch_size, desc=desc, keep=False)[0]
+                return _run_attack(atk, model, xs, ys, idx, batch_size=batch_size, desc=desc, keep=False,
+                                   repeats=repeats)[0]
 
             diags, diag_settings = diagnose(
                 model, x, y, clean_correct, runs, attack_ok=attack_ok,
@@ -162,6 +170,7 @@ def evaluate(
         "large_eps": large_eps,
         "large_eps_max_accuracy": large_eps_max_accuracy,
         "tol": tol,
+        "repeats": repeats,
         "device": str(model_device(model)),
         **diag_settings,
     }
@@ -212,6 +221,7 @@ class _Sweep:
     individual: bool
     keep_examples: bool
     state: EvalState | None = None
+    repeats: int = 1
 
 
 def _entry_key(e: SuiteEntry) -> Any:
@@ -240,11 +250,11 @@ class _WorstCase:
 
 
 def _run_sweep(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, pred_clean: torch.Tensor, sweep: _Sweep
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, pred_clean: torch.Tensor, clean_correct: torch.Tensor,
+    sweep: _Sweep,
 ) -> tuple[list[tuple[EpsResult, list[BuiltAttack]]], dict[str, Any] | None]:
     """Every ε from the smallest up, each attack on the samples still robust (or on every clean-correct one
     for its own robust accuracy) → per ε (its result, the attacks built for it), and the kept examples."""
-    clean_correct = pred_clean == y
     examples: dict[str, Any] | None = None
     if sweep.keep_examples:
         examples = {"x": x, "y": y, "pred_clean": pred_clean, "x_adv": {}, "pred_adv": {}}
@@ -288,7 +298,7 @@ def _attack_one(b: BuiltAttack, model: nn.Module, x: torch.Tensor, y: torch.Tens
         lambda k, ok_, pred_, stats_, dt_: st.record_batch(e, b.label, idx, x.shape[0], k, ok_, pred_, stats_, dt_))
     ok, pred, adv, stats = _run_attack(b.attack, model, x, y, idx, batch_size=sweep.batch_size,
                                        desc=f"{b.label} ε={e:.4g}", keep=sweep.keep_examples,
-                                       resume=resume, on_batch=on_batch)
+                                       resume=resume, on_batch=on_batch, repeats=sweep.repeats)
     dt = time.perf_counter() - t0 + (resume["time_s"] if resume else 0.0)
     before = worst.robust.clone()
     worst.robust[idx[~ok]] = False
@@ -360,6 +370,7 @@ def _run_attack(
     keep: bool,
     resume: dict[str, Any] | None = None,
     on_batch: Callable[[int, torch.Tensor, torch.Tensor, dict[str, int], float], None] | None = None,
+    repeats: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, int]]:
     """Attack the samples ``idx`` in batches; score on ``model``. Returns (still-correct (len(idx),) bool,
     prediction after the attack, x_adv of those samples if ``keep``, summed attack counters).
@@ -389,8 +400,11 @@ def _run_attack(
                                f"{float(dist.max()):.6g} > ε={atk.eps}); this is a bug in the attack")
         with torch.no_grad():
             p = model(x_adv.to(dev)).argmax(dim=1).cpu()
+            still = p == yb
+            for _ in range(repeats - 1):  # a randomized model: broken if any prediction is wrong
+                still &= model(x_adv.to(dev)).argmax(dim=1).cpu() == yb
         pred[s:s + b.numel()] = p
-        ok[s:s + b.numel()] = p == yb
+        ok[s:s + b.numel()] = still
         if keep:
             advs.append(x_adv.detach().cpu())
         for name, v in getattr(atk, "last_stats", {}).items():
