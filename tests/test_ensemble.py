@@ -60,3 +60,22 @@ def test_vote_masks_gradients_and_the_adaptive_suite_sees_through_it(empir):
     labels = [a.label for a in adaptive.result().attacks]
     assert labels[:2] == ["apgd-ce[probs]", "apgd-t[probs]"] and "transfer[w2a2]" in labels and "square" in labels
     assert adaptive.robust_accuracy < naive.robust_accuracy - 0.2
+
+
+def test_an_ensemble_saves_and_loads_from_the_path_alone(empir, tmp_path):
+    members, (x, y) = empir
+    ens = Ensemble(members, combine="vote").eval()
+    qrobust.save(ens, tmp_path / "ens.safetensors")
+    back = qrobust.load(tmp_path / "ens.safetensors")
+    assert isinstance(back, Ensemble) and back.combine == "vote" and back.names == ens.names
+    assert back.members["w2a2"].qrobust_spec == members["w2a2"].qrobust_spec  # members keep their precisions
+    with torch.no_grad():
+        assert torch.equal(back(x), ens(x))
+
+
+def test_a_composite_record_naming_foreign_code_is_refused(tmp_path):
+    from qrobust.checkpoint import _build_composite
+    from qrobust.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="outside qrobust"):
+        _build_composite({"class": "os.system"})

@@ -80,3 +80,20 @@ def test_repeated_predictions_give_the_worst_case_of_a_randomized_model():
     five = qrobust.evaluate(Coin(), (x, y), suite=["fgsm"], eps=0.1, diagnostics=False, repeats=5)
     assert 0.4 < once.clean_accuracy < 0.6
     assert five.clean_accuracy < 0.1 and five.settings["repeats"] == 5  # right five times in a row: ~3 %
+
+
+def test_a_random_precision_network_saves_and_loads_from_the_path_alone(tmp_path):
+    import qrobust
+    from qrobust.models import build_model
+
+    torch.manual_seed(0)
+    rp = RandomPrecision(build_model("digits_cnn", in_channels=1, input_size=8), bits=(8, 2)).eval()
+    qrobust.save(rp, tmp_path / "rp.safetensors")
+    back = qrobust.load(tmp_path / "rp.safetensors")
+    x = torch.rand(4, 1, 8, 8)
+    assert isinstance(back, RandomPrecision) and back.bits == [8, 2]
+    assert back.copies[1].conv1.weight is back.copies[0].conv1.weight  # still one network
+    with torch.no_grad():
+        for b in back.bits:
+            with rp.fixed(b), back.fixed(b):
+                assert torch.equal(rp(x), back(x))

@@ -28,6 +28,7 @@ False
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -123,12 +124,32 @@ def _class_path(model: nn.Module) -> str:
 
 
 def _meta_of(model: nn.Module, metadata: dict[str, Any]) -> dict[str, Any]:
-    return {
+    meta = {
         "arch": getattr(model, "qrobust_arch", None),
         "class": _class_path(model),
         "spec": getattr(model, "qrobust_spec", None),
         "metadata": metadata,
     }
+    composite = getattr(model, "qrobust_composite", None)
+    record = composite() if callable(composite) else None
+    if record is not None:  # a model made of registry models (an ensemble, a random-precision network)
+        meta["composite"] = record
+    return meta
+
+
+def _build_composite(record: dict[str, Any]) -> nn.Module:
+    """A composite model rebuilt by its class's ``from_composite(record, build)``; only qrobust's own classes
+    are imported (a checkpoint never makes us import code of its choosing)."""
+    path = record.get("class", "")
+    module, _, name = str(path).rpartition(".")
+    if not module.startswith("qrobust."):
+        raise CheckpointError(f"checkpoint names a composite model class {path!r} outside qrobust; load it with "
+                              f"qrobust.load(path, model=skeleton)")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"cannot find the composite model class {path!r} of this checkpoint: {e}") from e
+    return cls.from_composite(record, build_from_meta)
 
 
 def _checked_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -242,6 +263,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 def build_from_meta(meta: dict) -> nn.Module:
     """An untrained model with the architecture (and quantization) a checkpoint describes."""
+    if meta.get("composite"):
+        return _build_composite(meta["composite"])
     arch = meta.get("arch")
     if arch is None:  # a model of one's own (epoch checkpoints of fit do not record the class)
         cls = meta.get("class") or "a class of yours"

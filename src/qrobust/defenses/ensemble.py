@@ -55,6 +55,23 @@ class Ensemble(nn.Module):
     def members(self) -> dict[str, nn.Module]:
         return dict(zip(self.names, self.models))
 
+    def qrobust_composite(self) -> dict[str, Any] | None:
+        """What :func:`qrobust.save` records so that :func:`qrobust.load` rebuilds the ensemble from the path
+        alone: each member's architecture and quantization spec (``None`` when a member is not a registry
+        model — then it loads with ``load(path, model=skeleton)``)."""
+        members = [{"name": n, "arch": getattr(m, "qrobust_arch", None), "spec": getattr(m, "qrobust_spec", None)}
+                   for n, m in self.members.items()]
+        if any(m["arch"] is None for m in members):
+            return None
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "combine": self.combine,
+                "members": members}
+
+    @classmethod
+    def from_composite(cls, record: Mapping[str, Any], build: Any) -> Ensemble:
+        """The ensemble a :meth:`qrobust_composite` record describes, members rebuilt by ``build(meta)``."""
+        return cls({m["name"]: build({"arch": m["arch"], "spec": m["spec"]}) for m in record["members"]},
+                   combine=record["combine"])
+
     def view(self, combine: str) -> Ensemble:
         """The same members (shared, not copied) combined another way — the differentiable surrogates of a
         voting ensemble."""

@@ -71,6 +71,20 @@ class RandomPrecision(nn.Module):
         #: the precision the last forward pass used
         self.last_bits: int | None = None
 
+    def qrobust_composite(self) -> dict[str, Any] | None:
+        """What :func:`qrobust.save` records so that :func:`qrobust.load` rebuilds the network from the path
+        alone: the float architecture and the bit-widths (``None`` for a model of one's own)."""
+        arch = getattr(self.copies[0], "qrobust_arch", None)
+        if arch is None:
+            return None
+        return {"class": f"{type(self).__module__}.{type(self).__qualname__}", "bits": list(self.bits),
+                "base": {"arch": arch, "spec": None}}
+
+    @classmethod
+    def from_composite(cls, record: dict[str, Any], build: Any) -> RandomPrecision:
+        """The network a :meth:`qrobust_composite` record describes (float base rebuilt by ``build(meta)``)."""
+        return cls(build(record["base"]), bits=record["bits"])
+
     def draw(self) -> int:
         """A bit-width drawn uniformly from :attr:`bits` (the module's own generator)."""
         return self.bits[int(torch.randint(len(self.bits), (1,), generator=self.generator))]
