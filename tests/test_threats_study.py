@@ -76,3 +76,16 @@ def test_committed_digits_report_re_renders_identically():
     results = Path(__file__).resolve().parents[1] / "bench" / "results"
     assert study_of(json.loads((results / "threats_digits.json").read_text())) is get_study("threats")
     assert render_results(results / "threats_digits.json") == (results / "threats_digits" / "report.md").read_text()
+
+
+def test_one_quantized_bit_width_says_what_is_not_measured(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="qrobust.studies.threats"):
+        res = run_threats_study(quick=True, bits=(32, 4), n_eval=16, out=tmp_path / "one")
+    assert res["defenses"] == {} and res["claims"]["d"]["verdict"] == "not measured"
+    assert res["claims"]["b"]["verdict"] == "not measured"  # no bit-width ≤ 2 to judge masking at
+    assert res["claims"]["c"]["value_shift_grows"] is None
+    assert sum("not measured" in r.getMessage() for r in caplog.records) == 2
+    report = (tmp_path / "one" / "report.md").read_text()
+    assert "Not measured (needs two quantized bit-widths)" in report and "not measured (one quantized" in report

@@ -373,9 +373,16 @@ def run_threats_study(**settings: Any) -> dict[str, Any]:
 
 
 # ============================================================================================ claims
-def _monotone(values: Sequence[float | None], *, rising: bool) -> bool:
+def _monotone(values: Sequence[float | None], *, rising: bool) -> bool | None:
+    """Whether ``values`` (ordered by falling bits) rise (fall) throughout; None with fewer than two."""
     v = [x for x in values if x is not None]
-    return len(v) >= 2 and all((b >= a) if rising else (b <= a) for a, b in zip(v, v[1:]))
+    if len(v) < 2:
+        return None
+    return all((b >= a) if rising else (b <= a) for a, b in zip(v, v[1:]))
+
+
+def _trend(flag: bool | None, yes: str, no: str) -> str:
+    return "not measured (one quantized bit-width)" if flag is None else yes if flag else no
 
 
 def _claims(res: Mapping[str, Any], qbits: Sequence[int]) -> dict[str, Any]:
@@ -537,9 +544,9 @@ def _report(res: Mapping[str, Any]) -> str:
                     paired_text(r, signed=True), "yes" if r["low"] else "no (> 2 bits)"] for r in c["b"]["rows"]])
     cc = c["c"]
     L.append(f"\n**(c)** {CLAIM_TEXT['c']} — transfer **{cc['verdict']}**; value shift (rel. L2) "
-             f"{'grows' if cc['value_shift_grows'] else 'does not grow monotonically'} as bits fall "
+             f"{_trend(cc['value_shift_grows'], 'grows', 'does not grow monotonically')} as bits fall "
              f"({', '.join(f'{v:.3f}' for v in cc['value_shift_rel_l2'])}); gradient alignment "
-             f"{'falls' if cc['alignment_falls'] else 'does not fall monotonically'} "
+             f"{_trend(cc['alignment_falls'], 'falls', 'does not fall monotonically')} "
              f"({', '.join('–' if v is None else f'{v:.3f}' for v in cc['alignment_median'])}). Transfer matrix: "
              f"diagonal mean {_p(cc['diagonal_mean'])}, off-diagonal cells touching ≤ {LOW_BITS} bits "
              f"{_p(cc['off_diagonal_low_mean'])}, other off-diagonal cells {_p(cc['off_diagonal_high_mean'])}.\n")
