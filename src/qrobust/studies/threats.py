@@ -184,7 +184,9 @@ class ThreatModels(Study):
     budget = _Budget()
     quick_budget = _QUICK
     options = (
-        *TRAINING_OPTIONS,
+        *(o for o in TRAINING_OPTIONS if o.flag != "--epochs"),
+        Option("--epochs", "int", "epochs of each quantization-aware fine-tune from the float parent, and of the "
+                                  "random-precision one (default per dataset)"),
         Option("--bits", "int_list", "bit-widths, 32 (the float parent) included, e.g. 32,8,4,2,1 (1 = binary)"),
         Option("--eps", "eps255", "L∞ ε on the 0–255 scale (default per dataset)"),
         Option("--float-epochs", "int", "epochs of the float parent (default per dataset)"),
