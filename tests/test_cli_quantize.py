@@ -106,3 +106,12 @@ def test_refuses_a_quantized_checkpoint_an_occupied_out_and_an_unwritable_out(ca
     (tmp_path / "file").write_text("x")
     code, _, err = _run(capsys, "quantize", float_ckpt, "--budget", "3", "--out", tmp_path / "file")
     assert code == 2 and "is a file" in err
+
+
+def test_random_allocation_spends_the_budget(capsys, tmp_path, float_ckpt):
+    # the random control used to stop far below the budget (2.49 average bits of 4): not a control at equal size
+    for budget in ("3", "4"):
+        out = tmp_path / f"r{budget}"
+        assert _run(capsys, "quantize", float_ckpt, "--budget", budget, "--method", "random", "--out", out)[0] == 0
+        avg = json.loads((out / "allocation.json").read_text())["average_bits"]
+        assert float(budget) - 0.5 < avg <= float(budget) + 1e-9

@@ -92,7 +92,7 @@ _FALLBACK = {"model": "resnet20", "eps": 8 / 255, "epochs": 10, "batch_size": 12
 class _Budget:
     at_steps: int = 7
     pgd_steps: int = 20
-    apgd_iter: int = 50
+    apgd_iter: int = 25
     square_queries: int = 300
     calib_steps: int = 10
     consistency_steps: int = 10
