@@ -24,6 +24,7 @@ import torch
 
 from qrobust import checkpoint
 from qrobust._version import __version__
+from qrobust.analysis.allocation import DEFAULT_CANDIDATES, METHODS, allocate
 from qrobust.analysis.amplification import amplification_report
 from qrobust.analysis.lipschitz import format_lipschitz_table, lipschitz_table
 from qrobust.attacks import ATTACKS, make_attack
@@ -32,7 +33,7 @@ from qrobust.defenses import OverfitGuard, make_objective
 from qrobust.errors import ConfigError, InputError, QrobustError
 from qrobust.evaluation import evaluate
 from qrobust.models import build_model
-from qrobust.quant import QuantSpec, describe, format_description, quantize
+from qrobust.quant import QuantSpec, describe, format_description, is_quantized, quantize, size_totals
 from qrobust.report import save_adversarial_examples
 from qrobust.studies.demo import run_demo
 from qrobust.studies.harness import (
@@ -97,6 +98,17 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1)
 _count = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (``--budget 0`` or ``nan`` is a usage error, not a failed solve)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def eps_text(eps: float, norm: str = "Linf") -> str:
@@ -326,6 +338,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
     for key in ("dataset", "n_train"):
         if key in user:
             print(f"  {key}: {user[key]}")
+    alloc = user.get("allocation")
+    if isinstance(alloc, dict) and "bits" in alloc:
+        print(f"  allocation: {alloc.get('method')} at a budget of {alloc.get('budget'):g} average bits per weight "
+              f"({alloc.get('average_bits', float('nan')):.3g} reached): "
+              + ", ".join(f"{k} {v}" for k, v in alloc["bits"].items()))
     hist = user.get("history") or []
     if hist and "test_acc" in hist[-1]:
         print(f"  test accuracy: {hist[-1]['test_acc']:.4f} (epoch {hist[-1]['epoch']})")
@@ -511,6 +528,96 @@ def cmd_attack(args: argparse.Namespace) -> int:
     )
     for kind, path in paths.items():
         print(f"  {kind}: {path}")
+    return 0
+
+
+#: the methods whose cost needs adversarial calibration inputs (and so an ε)
+ADVERSARIAL_METHODS = ("lipschitz", "quanos")
+ALLOCATION_FILES = ("allocation.json", "allocation.md")
+
+
+def allocation_table(info: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per weight layer: its weight count, the bits chosen, its size in bits and the method's cost there."""
+    by_name = {r["name"]: r for r in rows}
+    return [{"layer": n, "type": by_name[n]["type"], "weights": info["sizes"][n], "bits": b,
+             "size_bits": by_name[n]["size_bits"], "cost": info["costs"][n][b]} for n, b in info["bits"].items()]
+
+
+def allocation_markdown(meta: dict[str, Any], table: list[dict[str, Any]], totals: dict[str, Any]) -> str:
+    lines = [f"# Per-layer bits of {meta['checkpoint']}", "",
+             f"Method **{meta['method']}** at a budget of {meta['budget']:g} average bits per weight "
+             f"({meta['average_bits']:.3g} reached), {meta['calib']} calibration images of {meta['dataset']}"
+             + (f", ε = {eps_text(meta['eps'])}" if meta.get("eps") is not None else "")
+             + f"; activations {'float' if meta['act_bits'] == 32 else str(meta['act_bits']) + ' bits'}. "
+             f"Model size {totals['size_bits'] / 8192:.2f} KiB, {totals['compression']:.2f}× smaller than float32.", "",
+             "| layer | type | weights | bits | size (bits) | cost |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['type']} | {r['weights']:,} | {r['bits']} | {r['size_bits']:,} | {r['cost']:.4g} |"
+              for r in table]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from qrobust.utils import atomic_write_text
+
+    out = check_out(Path(args.out))
+    final = out / checkpoint.FINAL_NAME
+    if final.exists():
+        raise UsageError(f"qrobust: --out {out} already holds a checkpoint ({final}): choose another folder or "
+                         "delete it")
+    candidates = _int_list(args.candidates, "--candidates")
+    if not candidates or any(not 2 <= b <= 8 for b in candidates):
+        raise UsageError(f"qrobust: --candidates takes bit-widths from 2 to 8, got {args.candidates!r}")
+    if args.budget < min(candidates):
+        raise UsageError(f"qrobust: a --budget of {args.budget:g} average bits cannot be met with candidates "
+                         f"{args.candidates} (the fewest is {min(candidates)}): raise it or add smaller candidates")
+    if args.act_bits != 32 and not 2 <= args.act_bits <= 8:
+        raise UsageError(f"qrobust: --act-bits must be 2–8, or 32 for float activations, got {args.act_bits}")
+    given_eps = None if args.eps is None else parse_eps(args.eps, "Linf", one=True)
+    if given_eps is not None and args.method not in ADVERSARIAL_METHODS:
+        raise UsageError(f"qrobust: --eps is used by --method {' or '.join(ADVERSARIAL_METHODS)} only; drop it for "
+                         f"--method {args.method}")
+    model = checkpoint.load(args.checkpoint)
+    if is_quantized(model) or getattr(model, "qrobust_spec", None):
+        raise ConfigError(f"{args.checkpoint} is already quantized: give the float checkpoint it was trained from")
+    meta = getattr(model, "qrobust_meta", {}).get("metadata", {})
+    args.dataset = args.dataset or meta.get("dataset")
+    if not args.dataset:
+        raise UsageError("qrobust: the checkpoint does not name its dataset: pass --dataset")
+    eps = None
+    if args.method in ADVERSARIAL_METHODS:
+        eps = given_eps if given_eps is not None else default_eps(args.dataset, "Linf", "--eps")
+    train = load_dataset(args.dataset, "train", root=args.data_dir, download=args.download, cache_dir=args.cache_dir)
+    check_model_fits(model, train.info, f"checkpoint {args.checkpoint}")
+    if args.calib > len(train):
+        raise UsageError(f"qrobust: --calib {args.calib} exceeds the {len(train)} training images of {args.dataset}: "
+                         f"give at most {len(train)}")
+    x, y = train.subset(args.calib, seed=args.seed).tensors()
+    if eps is not None:
+        log.info("adversarial calibration inputs at ε = %s (L∞), %s", eps_text(eps),
+                 "--eps" if given_eps is not None else f"the customary L∞ ε of {args.dataset}; pass --eps to choose")
+    model.eval()
+    spec, info = allocate(model, x, y, budget=args.budget, method=args.method, act_bits=args.act_bits,
+                          candidates=candidates, eps=eps, seed=args.seed)
+    if args.act_bits != 32:
+        log.info("activation clips calibrated on the %d calibration images", len(y))
+    q = quantize(model, spec, calibrate=x if args.act_bits != 32 else None).eval()
+    rows = describe(q)
+    table = allocation_table(info, rows)
+    totals = size_totals(rows)
+    record = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "method": args.method,
+              "budget": args.budget, "average_bits": info["average_bits"], "bits": info["bits"], "eps": eps,
+              "calib": len(y), "act_bits": args.act_bits, "candidates": list(candidates), "seed": args.seed}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "allocation.json", json.dumps(
+        {**record, "layers": table, "size_bits": totals["size_bits"], "float_bits": totals["float_bits"],
+         "compression": totals["compression"]}, indent=1))
+    atomic_write_text(out / "allocation.md", allocation_markdown(record, table, totals))
+    checkpoint.save(q, final, **{**meta, "allocation": record})
+    print(f"{args.method} allocation at a budget of {args.budget:g} average bits: {info['average_bits']:.3g} reached, "
+          f"{totals['compression']:.2f}x smaller than float32")
+    for r in table:
+        print(f"  {r['layer']:<24} {r['bits']} bits  {r['weights']:>9,} weights  cost {r['cost']:.4g}")
+    print(f"quantized checkpoint: {final}\nper-layer table: {out / 'allocation.md'}  {out / 'allocation.json'}")
     return 0
 
 
@@ -735,6 +842,28 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("describe", help="per-layer quantization table of a checkpoint")
     s.add_argument("checkpoint", help="checkpoint file or run folder")
     s.set_defaults(func=cmd_describe)
+
+    qz = sub.add_parser("quantize", help="per-layer weight bits under a size budget; saves the quantized model",
+                        description="Allocate per-layer weight bit-widths of a float checkpoint under a budget of "
+                        "average bits per weight (docs/layerwise.md), post-training, and save the quantized "
+                        "checkpoint with its per-layer table.")
+    qz.add_argument("checkpoint", help="float checkpoint file or run folder")
+    qz.add_argument("--budget", type=_positive_float, required=True, help="average bits per weight, e.g. 4.0")
+    qz.add_argument("--method", default="lipschitz", choices=list(METHODS),
+                    help="allocation criterion (default: %(default)s)")
+    qz.add_argument("--calib", type=_positive_int, default=256,
+                    help="calibration images from the training split (default: %(default)s)")
+    qz.add_argument("--candidates", default=",".join(map(str, DEFAULT_CANDIDATES)),
+                    help="candidate weight bit-widths, 2–8 (default: %(default)s)")
+    qz.add_argument("--eps", default=None,
+                    help=f"lipschitz/quanos: the L∞ ε of the adversarial calibration inputs; {EPS_RULE} (default: "
+                    "the dataset's customary ε)")
+    qz.add_argument("--act-bits", type=int, default=32,
+                    help="activation bits, 2–8 (clips calibrated on the calibration images), 32 = float (default)")
+    _add_data_args(qz, default=None)
+    qz.add_argument("--seed", type=int, default=0, help="calibration subset, attacks and random allocation")
+    qz.add_argument("--out", required=True, help="folder for final.safetensors and allocation.json/.md")
+    qz.set_defaults(func=cmd_quantize)
 
     def _attack_target_args(a: argparse.ArgumentParser) -> None:
         a.add_argument("checkpoint", help="checkpoint file or run folder")

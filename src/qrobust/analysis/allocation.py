@@ -19,7 +19,8 @@ average bits per weight) — exactly, as a small integer program (``scipy.optimi
 * ``"quanos"`` — QUANOS-style adversarial noise sensitivity: ``ANS_l · ‖Q_b(W_l) − W_l‖_F / ‖W_l‖_F`` with
   ``ANS_l = E ‖h_l(x + δ) − h_l(x)‖ / ‖h_l(x)‖`` measured at the layer's output;
 * ``"uniform"`` — the same bits everywhere (the largest that fits, then the budget's remainder is unused);
-* ``"random"`` — a random feasible allocation (seeded), the control any criterion must beat.
+* ``"random"`` — a random allocation (seeded) that spends the budget: the bits maximise ``Σ_l u_l·b_l``
+  for random layer priorities ``u_l`` — the control any criterion must beat.
 
 :func:`layer_costs` returns the cost table (for the consistency check of docs/layerwise.md: rank candidate
 settings by the criterion and by the measured adversarial loss).
@@ -223,7 +224,10 @@ def allocate(
         bits = {n: fit[-1] for n in sizes}
     elif method == "random":
         g = torch.Generator().manual_seed(seed)
-        rnd = {n: {b: float(torch.rand((), generator=g)) for b in cands} for n in sizes}
+        # a random priority per layer, its cost falling with the bits: the solver spends the budget (random costs
+        # per candidate would let it stop far below the budget, e.g. at 2.49 of 4 bits, an unfair control)
+        prio = {n: float(torch.rand((), generator=g)) for n in sizes}
+        rnd = {n: {b: -prio[n] * b for b in cands} for n in sizes}
         bits = solve_allocation(rnd, sizes, budget)
     else:
         bits = solve_allocation(costs, sizes, budget)

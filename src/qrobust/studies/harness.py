@@ -121,7 +121,8 @@ SMALL_IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist")
 ALPHA = 0.05
 
 #: the studies shipped with qrobust (imported on the first registry lookup; each registers itself)
-BUILTIN_STUDIES = ("qrobust.studies.dq", "qrobust.studies.odgq", "qrobust.studies.threats")
+BUILTIN_STUDIES = ("qrobust.studies.dq", "qrobust.studies.odgq", "qrobust.studies.threats",
+                   "qrobust.studies.layerwise")
 
 #: names the ``qrobust study`` command keeps for itself
 RESERVED_NAMES = ("render",)

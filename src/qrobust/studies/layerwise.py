@@ -1,0 +1,499 @@
+"""``qrobust study layerwise``: Song, Ranjan & Li (2021) — does adversarial training make a network more
+vulnerable to post-training quantization, and does a Lipschitz-guided per-layer bit allocation
+(:mod:`qrobust.analysis.allocation`, docs/layerwise.md) protect its robustness better than the baselines?
+
+**Parents.** One architecture trained twice from the same initialisation, data order and epochs: naturally
+(cross-entropy) and with PGD-AT (:class:`~qrobust.defenses.PgdAT`, ``at_steps`` steps, α = ε/4) at ε.
+
+**Part 1 — the claim.** Each float parent quantized *post-training* (no fine-tune) at ``bits`` (8/6/4/3/2):
+weights only (``w{b}a32``) and weights + activations (``w{b}a{b}``, activation clips calibrated on
+``n_calib`` training images). Clean accuracy and PGD robust accuracy (``pgd_steps``, α = ε/4,
+straight-through gradients through the quantizers) on the first ``n_eval`` test images, and their drop from
+the float parent. Claim 1 — *the AT model loses more* — is judged per (mode, bits) on the robust-accuracy drop,
+with an exact McNemar test on the per-sample "lost" masks (robust in the float parent, not after quantizing).
+
+**Part 2 — the allocation.** For each parent, each method of :data:`~qrobust.analysis.allocation.METHODS` at
+each budget (average weight bits; activations float — a weights-only allocation): clean accuracy, the
+per-sample worst case of the standard suite (APGD-CE, APGD-T with ``apgd_iter`` iterations, then Square with
+``square_queries`` queries, :func:`qrobust.evaluation.evaluate`), model size, the bits per layer. Claim 2 —
+*Lipschitz beats uniform, HAWQ and random at equal budget on robust accuracy* — paired per (parent, budget,
+baseline) by the exact McNemar test on the worst-case masks. Post-training only: no QAT fine-tune is run.
+
+**Consistency (claim 3).** Every single-layer setting (one layer at ``b`` bits, the rest float): its criterion
+cost ``c_l(b)`` against its measured adversarial loss increase (mean cross-entropy under PGD-``consistency_steps``
+on the test images, minus the float parent's); Spearman's ρ (``scipy.stats.spearmanr``) per parent and method.
+
+Outputs in ``out``: ``report.md``, ``results.json``, ``part1.png``, ``bits.png``, ``consistency.png``, and the
+two parents' run folders under ``runs/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust._version import __version__
+from qrobust.analysis.allocation import DEFAULT_CANDIDATES, METHODS, allocate
+from qrobust.attacks import PGD
+from qrobust.data import load_dataset
+from qrobust.defenses import PgdAT, make_objective
+from qrobust.errors import ConfigError
+from qrobust.evaluation import evaluate
+from qrobust.models import build_model
+from qrobust.models.introspect import weight_layers
+from qrobust.quant import QuantSpec, describe, quantize, size_totals
+from qrobust.studies.harness import (
+    ALPHA,
+    TRAINING_OPTIONS,
+    Option,
+    Study,
+    StudyContext,
+    dataset_defaults,
+    md_table,
+    new_figure,
+    paired_test,
+    paired_text,
+    pct,
+    register_study,
+    significant,
+    verdict,
+)
+from qrobust.training import FitConfig
+from qrobust.validation import check_eps
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DATASET_DEFAULTS", "FORMAT", "Layerwise"]
+
+FORMAT = "qrobust-layerwise-study/1"
+PARENTS = ("natural", "pgd-at")
+PARENT_NAMES = {"natural": "natural", "pgd-at": "PGD-AT"}
+MODES = {"w": "weights only", "wa": "weights + activations"}
+BASELINES = ("uniform", "hawq", "random")
+
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"eps": 0.1, "epochs": 15, "batch_size": 64, "lr": 0.05, "n_eval": 359, "n_calib": 128},
+    "mnist": {"eps": 0.2, "epochs": 5, "batch_size": 128, "lr": 0.05, "n_eval": 1000, "n_calib": 256},
+    "cifar10": {"eps": 8 / 255, "epochs": 30, "batch_size": 128, "lr": 0.1, "n_eval": 1000, "n_calib": 256},
+}
+_FALLBACK = {"model": "resnet20", "eps": 8 / 255, "epochs": 10, "batch_size": 128, "lr": 0.05, "n_eval": 500,
+             "n_calib": 256}
+
+
+@dataclasses.dataclass
+class _Budget:
+    at_steps: int = 7
+    pgd_steps: int = 20
+    apgd_iter: int = 25
+    square_queries: int = 300
+    calib_steps: int = 10
+    consistency_steps: int = 10
+    hutchinson_samples: int = 8
+
+
+_QUICK = _Budget(at_steps=3, pgd_steps=5, apgd_iter=5, square_queries=20, calib_steps=3, consistency_steps=3,
+                 hutchinson_samples=2)
+
+
+# ============================================================================================ pieces
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x).argmax(1) == y
+
+
+def _pgd_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, seed: int
+              ) -> torch.Tensor:
+    x_adv = PGD(model, eps=eps, steps=steps, seed=seed)(x, y)
+    return _correct(model, x_adv, y)
+
+
+def _adv_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, seed: int) -> float:
+    x_adv = PGD(model, eps=eps, steps=steps, seed=seed)(x, y)
+    with torch.no_grad():
+        return float(F.cross_entropy(model.eval()(x_adv), y))
+
+
+def _standard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, b: _Budget, seed: int
+              ) -> tuple[dict[str, Any], torch.Tensor]:
+    rep = evaluate(model, (x, y), suite="standard", eps=eps, seed=seed, n_queries=b.square_queries,
+                   attack_kwargs={"apgd-ce": {"n_iter": b.apgd_iter}, "apgd-t": {"n_iter": b.apgd_iter}},
+                   diagnostics=False)
+    r = rep.result(eps)
+    return {"clean": rep.clean_accuracy, "worst": r.robust_accuracy,
+            "after": {a.label: a.robust_accuracy_after for a in r.attacks}}, r.robust_mask
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    from scipy.stats import spearmanr  # deferred: scipy is slow to import
+
+    res = spearmanr(a, b)
+    rho, p = float(res.statistic), float(res.pvalue)
+    return {"rho": None if math.isnan(rho) else rho, "p": None if math.isnan(p) else p, "n": len(a)}
+
+
+# ============================================================================================ the study
+@register_study
+class Layerwise(Study):
+    """The layer-wise adversarial-aware quantization study (module docstring)."""
+
+    name = "layerwise"
+    summary = ("Song, Ranjan & Li: does PGD-AT lose more to post-training quantization, and does Lipschitz-guided "
+               "per-layer bit allocation beat uniform/HAWQ/QUANOS/random at equal budget?")
+    format = FORMAT
+    budget = _Budget()
+    quick_budget = _QUICK
+    options = (
+        *TRAINING_OPTIONS,
+        Option("--bits", "int_list", "part 1 bit-widths (default 8,6,4,3,2)"),
+        Option("--budgets", "float_list", "part 2 budgets in average weight bits (default 3,4)"),
+        Option("--methods", "str_list", "part 2 allocation methods (default: all)"),
+        Option("--eps", "eps255", "L∞ ε on the 0–255 scale (default per dataset; digits 0.1)"),
+        Option("--n-calib", "int", "calibration images from the training split (default per dataset)"),
+    )
+
+    def run(
+        self,
+        ctx: StudyContext,
+        *,
+        dataset: str,
+        data_dir: str | Path | None = None,
+        model: str | None = None,
+        epochs: int | None = None,
+        n_train: int | None = None,
+        n_eval: int | None = None,
+        bf16: bool = False,
+        bits: Sequence[int] = (8, 6, 4, 3, 2),
+        budgets: Sequence[float] = (3.0, 4.0),
+        methods: Sequence[str] = METHODS,
+        eps: float | None = None,
+        n_calib: int | None = None,
+        candidates: Sequence[int] = DEFAULT_CANDIDATES,
+    ) -> dict[str, Any]:
+        b, seed = ctx.budget, ctx.seed
+        bits_l = [int(v) for v in bits]
+        if not bits_l or any(not 2 <= v <= 8 for v in bits_l) or len(set(bits_l)) != len(bits_l):
+            raise ConfigError(f"bits must be distinct bit-widths from 2 to 8, got {list(bits)}")
+        budgets_l = [float(v) for v in budgets]
+        if not budgets_l or any(not min(candidates) <= v <= 8 for v in budgets_l):
+            raise ConfigError(f"budgets must lie between {min(candidates)} and 8 average bits, got {list(budgets)}")
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            raise ConfigError(f"unknown allocation methods {bad}; choose from {METHODS}")
+        methods_l = [m for m in METHODS if m in methods]
+        d = dataset_defaults(DATASET_DEFAULTS, dataset, _FALLBACK)
+        if ctx.quick:
+            d.update(epochs=2, n_eval=min(d["n_eval"], 64), n_calib=min(d["n_calib"], 32))
+        eps_v = check_eps(eps if eps is not None else d["eps"], "Linf", positive=True)
+        root = None if data_dir is None else Path(data_dir)
+        train = load_dataset(dataset, "train", root=root)
+        test = load_dataset(dataset, "test", root=root)
+        if n_train is not None:
+            train = train.subset(n_train, seed=seed)
+        n_calib_v = n_calib or d["n_calib"]
+        if n_calib_v > len(train):
+            raise ConfigError(f"n_calib={n_calib_v} exceeds the {len(train)} training images; give fewer")
+        cx, cy = train.subset(n_calib_v, seed=seed).tensors()
+        x, y = test.tensors(n_eval or d["n_eval"])
+        info = test.info
+        model_name = model or d["model"]
+        cfg = FitConfig(epochs=epochs or d["epochs"], batch_size=d["batch_size"], lr=d["lr"], seed=seed, bf16=bf16)
+
+        parents: dict[str, nn.Module] = {}
+        for p in PARENTS:
+            torch.manual_seed(seed)
+            c, h, _ = info.input_shape
+            net = build_model(model_name, num_classes=info.num_classes, in_channels=c, input_size=h,
+                              activation="relu6", mean=list(info.mean), std=list(info.std))
+            obj = make_objective("ce") if p == "natural" else PgdAT(eps=eps_v, steps=b.at_steps)
+            log.info("training the %s parent", PARENT_NAMES[p])
+            parents[p] = ctx.fit(f"float-{p}", net, train, objective=obj, config=cfg,
+                                 metadata={"dataset": dataset, "study": "layerwise", "parent": p}).model
+
+        # ---------------------------------------------------------------- part 1: uniform PTQ
+        part1: dict[str, Any] = {}
+        lost: dict[tuple[str, str, int], torch.Tensor] = {}
+        for p, net in parents.items():
+            clean_f = _correct(net, x, y)
+            rob_f = _pgd_mask(net, x, y, eps_v, b.pgd_steps, seed)
+            rows = []
+            for mode in MODES:
+                for bb in bits_l:
+                    spec = f"w{bb}a32" if mode == "w" else f"w{bb}a{bb}"
+                    q = quantize(net, spec, calibrate=cx if mode == "wa" else None).eval()
+                    clean_q = _correct(q, x, y)
+                    rob_q = _pgd_mask(q, x, y, eps_v, b.pgd_steps, seed)
+                    lost[p, mode, bb] = rob_f & ~rob_q
+                    rows.append({"mode": mode, "bits": bb, "spec": spec, "clean": float(clean_q.float().mean()),
+                                 "robust": float(rob_q.float().mean()),
+                                 "clean_drop": float(clean_f.float().mean() - clean_q.float().mean()),
+                                 "robust_drop": float(rob_f.float().mean() - rob_q.float().mean())})
+            part1[p] = {"float_clean": float(clean_f.float().mean()), "float_robust": float(rob_f.float().mean()),
+                        "rows": rows}
+        c1_points = []
+        for mode in MODES:
+            for bb in bits_l:
+                t = paired_test(lost["pgd-at", mode, bb], lost["natural", mode, bb])
+                at = next(r for r in part1["pgd-at"]["rows"] if r["mode"] == mode and r["bits"] == bb)
+                nat = next(r for r in part1["natural"]["rows"] if r["mode"] == mode and r["bits"] == bb)
+                holds = at["robust_drop"] > nat["robust_drop"]
+                c1_points.append({"mode": mode, "bits": bb, "at_drop": at["robust_drop"],
+                                  "natural_drop": nat["robust_drop"], "at_clean_drop": at["clean_drop"],
+                                  "natural_clean_drop": nat["clean_drop"], "holds": holds, **t})
+
+        # ---------------------------------------------------------------- part 2: allocations
+        part2: list[dict[str, Any]] = []
+        masks: dict[tuple[str, float, str], torch.Tensor] = {}
+        costs: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+        float_std: dict[str, Any] = {}
+        for p, net in parents.items():
+            float_std[p], _ = _standard(net, x, y, eps_v, b, seed)
+            for budget in budgets_l:
+                for m in methods_l:
+                    log.info("%s parent, %s allocation at %g bits", PARENT_NAMES[p], m, budget)
+                    spec, ainfo = allocate(net, cx, cy, budget=budget, method=m, candidates=candidates, eps=eps_v,
+                                           seed=seed, attack_steps=b.calib_steps,
+                                           hutchinson_samples=b.hutchinson_samples)
+                    costs.setdefault((p, m), ainfo["costs"])
+                    q = quantize(net, spec).eval()
+                    res, mask = _standard(q, x, y, eps_v, b, seed)
+                    masks[p, budget, m] = mask
+                    part2.append({"parent": p, "budget": budget, "method": m, "bits": ainfo["bits"],
+                                  "average_bits": ainfo["average_bits"],
+                                  "size_bits": size_totals(describe(q))["size_bits"], **res})
+        sizes = next(iter(costs.values())) if costs else {}
+        c2_points = []
+        if "lipschitz" in methods_l:
+            for p in PARENTS:
+                for budget in budgets_l:
+                    for base in (m for m in BASELINES if m in methods_l):
+                        t = paired_test(masks[p, budget, "lipschitz"], masks[p, budget, base])
+                        lip = next(r for r in part2 if (r["parent"], r["budget"], r["method"]) == (p, budget,
+                                                                                                  "lipschitz"))
+                        ref = next(r for r in part2 if (r["parent"], r["budget"], r["method"]) == (p, budget, base))
+                        c2_points.append({"parent": p, "budget": budget, "baseline": base, "lipschitz": lip["worst"],
+                                          "other": ref["worst"], "holds": t["only_a"] > t["only_b"], **t})
+
+        # ---------------------------------------------------------------- consistency
+        consistency: dict[str, Any] = {}
+        for p, net in parents.items():
+            base_loss = _adv_loss(net, x, y, eps_v, b.consistency_steps, seed)
+            settings = []
+            for layer in sizes:
+                for bb in sorted(candidates):
+                    spec = QuantSpec(weight_bits=32, act_bits=32, overrides={layer: {"weight_bits": bb}})
+                    q = quantize(net, spec).eval()
+                    settings.append({"layer": layer, "bits": bb,
+                                     "loss_increase": _adv_loss(q, x, y, eps_v, b.consistency_steps, seed) - base_loss})
+            measured = [s["loss_increase"] for s in settings]
+            for s in settings:
+                s["cost"] = {m: costs[p, m][s["layer"]][s["bits"]] for m in methods_l if (p, m) in costs}
+            consistency[p] = {"float_adv_loss": base_loss, "settings": settings,
+                              "spearman": {m: _spearman([s["cost"][m] for s in settings], measured)
+                                           for m in methods_l if m not in ("uniform", "random")}}
+
+        claims = _claims(c1_points, c2_points, consistency)
+        return {
+            "study": self.name, "format": FORMAT,
+            "settings": {"dataset": dataset, "model": model_name, "eps": eps_v, "bits": bits_l, "budgets": budgets_l,
+                         "methods": methods_l, "candidates": sorted(candidates), "n_train": len(train),
+                         "n_eval": len(y), "n_calib": len(cy), "fit": cfg.to_dict(), "quick": ctx.quick,
+                         "seed": seed, "threads": ctx.threads, "budget": dataclasses.asdict(b),
+                         "layers": {n: int(v) for n, v in _layer_sizes(parents["natural"]).items()}},
+            "part1": part1, "part2": part2, "float_standard": float_std, "consistency": consistency,
+            "claims": claims, "versions": {"qrobust": __version__, "torch": torch.__version__},
+        }
+
+    def render(self, results: Mapping[str, Any]) -> str:
+        return _report(results)
+
+    def figures(self, results: Mapping[str, Any]) -> dict[str, Any]:
+        return {"part1.png": _plot_part1(results), "bits.png": _plot_bits(results),
+                "consistency.png": _plot_consistency(results)}
+
+
+def _layer_sizes(model: nn.Module) -> dict[str, int]:
+    """Weights per Conv2d/Linear layer (the sizes the budget averages over; biases are not counted)."""
+    return {n: m.weight.numel() for n, m in weight_layers(model)}
+
+
+# ============================================================================================ claims
+def _claims(c1: list[dict[str, Any]], c2: list[dict[str, Any]], cons: Mapping[str, Any]) -> dict[str, Any]:
+    rhos = {p: c["spearman"].get("lipschitz") for p, c in cons.items()}
+    # a parent counts for claim 3 only where ρ is positive *and* significant: ρ = +0.02 (p = 0.9) is no ranking
+    sig3 = [r["rho"] is not None and r["rho"] > 0 and r["p"] is not None and r["p"] < ALPHA
+            for r in rhos.values() if r is not None]
+    pts3 = [(ok, ok) for ok in sig3]
+    return {
+        "1": {"claim": "an adversarially trained model loses more robust accuracy to post-training quantization",
+              "points": c1, "verdict": verdict([(c["holds"], c["holds"] and significant(c)) for c in c1])},
+        "2": {"claim": "Lipschitz allocation beats uniform, HAWQ and random at equal budget on robust accuracy",
+              "points": c2, "verdict": verdict([(c["holds"], significant(c)) for c in c2])},
+        "3": {"claim": "the Lipschitz criterion ranks single-layer settings as their measured adversarial loss does",
+              "spearman": rhos, "verdict": verdict(pts3) if all(r is not None for r in rhos.values())
+              else "not measured"},
+    }
+
+
+# ============================================================================================ report
+def _drop(v: float) -> str:
+    return f"{100 * v:+.1f}"
+
+
+def _report(res: Mapping[str, Any]) -> str:
+    s = res["settings"]
+    b = s["budget"]
+    L = [f"# Layer-wise adversarial-aware quantization study — {s['dataset']}, {s['model']}\n",
+         f"Two parents of the same architecture from the same initialisation, {s['fit']['epochs']} epochs on "
+         f"{s['n_train']} training images: natural (cross-entropy) and PGD-AT ({b['at_steps']} steps, ε = "
+         f"{s['eps']:.4g}). Everything below is **post-training** quantization (no fine-tune); calibration uses "
+         f"{s['n_calib']} training images; evaluation the first {s['n_eval']} test images at L∞ ε = {s['eps']:.4g}. "
+         f"Wall time {res['wall_time_s']:.0f} s on {s['threads']} thread(s)"
+         f"{' (quick budgets)' if s['quick'] else ''}.\n",
+         "## Part 1 — uniform post-training quantization of each parent\n",
+         f"Robust accuracy: PGD-{b['pgd_steps']} (α = ε/4, straight-through gradients through the quantizers). "
+         "Accuracies in %, drops in points from the float parent (positive = lost).\n"]
+    p1 = res["part1"]
+    head = ["parent", "mode", "bits", "clean", "clean drop", "robust", "robust drop"]
+    rows = []
+    for p, d in p1.items():
+        rows.append([PARENT_NAMES[p], "float", "32", pct(d["float_clean"]), "", pct(d["float_robust"]), ""])
+        rows += [[PARENT_NAMES[p], MODES[r["mode"]], r["bits"], pct(r["clean"]), _drop(r["clean_drop"]),
+                  pct(r["robust"]), _drop(r["robust_drop"])] for r in d["rows"]]
+    L += md_table(head, rows)
+    L.append("\n![part 1](part1.png)\n")
+    L.append("## Part 2 — per-layer bit allocation at equal budgets (weights only, activations float)\n")
+    L.append(f"Worst case = per-sample worst of the standard suite: APGD-CE and APGD-T ({b['apgd_iter']} iterations "
+             f"each, straight-through gradients), then Square ({b['square_queries']} queries). The columns per "
+             "attack are cumulative (robust after that attack). Float parents: "
+             + "; ".join(f"{PARENT_NAMES[p]} clean {pct(v['clean'])} %, worst case {pct(v['worst'])} %"
+                         for p, v in res["float_standard"].items()) + ".\n")
+    layers = list(s["layers"])
+    for p in PARENTS:
+        for budget in s["budgets"]:
+            rs = [r for r in res["part2"] if r["parent"] == p and r["budget"] == budget]
+            if not rs:
+                continue
+            L.append(f"### {PARENT_NAMES[p]} parent, budget {budget:g} bits\n")
+            labels = list(rs[0]["after"])
+            L += md_table(["method", *layers, "avg bits", "size (KiB)", "clean", *labels, "**worst case**"],
+                          [[r["method"], *(r["bits"][n] for n in layers), f"{r['average_bits']:.2f}",
+                            f"{r['size_bits'] / 8192:.2f}", pct(r["clean"]), *(pct(r["after"][k]) for k in labels),
+                            f"**{pct(r['worst'])}**"] for r in rs])
+            L.append("")
+    L.append(f"Layer sizes (weights): {', '.join(f'{n} {v:,}' for n, v in s['layers'].items())}.\n")
+    L.append("![bits per layer](bits.png)\n")
+    L.append("## Consistency of the criteria\n")
+    L.append(f"Every single-layer setting (one layer at b ∈ {s['candidates']} bits, the rest float): the method's "
+             f"cost against the measured increase of the adversarial loss (mean cross-entropy under "
+             f"PGD-{b['consistency_steps']} on the test images, minus the float parent's; a negative increase means "
+             "PGD with straight-through gradients found weaker examples on the quantized network than on the float "
+             "one). Spearman's ρ over all settings (uniform and random have no criterion of their own):\n")
+    ms = sorted({m for c in res["consistency"].values() for m in c["spearman"]}, key=list(METHODS).index)
+    L += md_table(["parent", *ms], [[PARENT_NAMES[p], *(_rho(c["spearman"][m]) for m in ms)]
+                                    for p, c in res["consistency"].items()])
+    L.append("\n![consistency](consistency.png)\n")
+    L.append("## Claims\n")
+    c = res["claims"]
+    L.append(f"1. *{c['1']['claim']}* — **{c['1']['verdict']}**. Robust drop PGD-AT vs natural (McNemar on the "
+             "per-sample lost masks): " + "; ".join(
+                 f"{MODES[q['mode']]} {q['bits']} bits {_drop(q['at_drop'])} vs {_drop(q['natural_drop'])} "
+                 f"({paired_text(q, signed=True)})" for q in c["1"]["points"]) + ".")
+    L.append(f"2. *{c['2']['claim']}* — **{c['2']['verdict']}**. " + ("; ".join(
+        f"{PARENT_NAMES[q['parent']]} {q['budget']:g} bits vs {q['baseline']}: {pct(q['lipschitz'])} vs "
+        f"{pct(q['other'])} % ({paired_text(q, signed=True)})" for q in c["2"]["points"]) or "not measured") + ".")
+    L.append(f"3. *{c['3']['claim']}* — **{c['3']['verdict']}**: "
+             + "; ".join(f"{PARENT_NAMES[p]} {_rho(r)}" for p, r in c["3"]["spearman"].items()) + ".")
+    n = s["n_eval"]
+    L.append(f"\nWith {n} test samples one accuracy has a standard error of about {100 * math.sqrt(0.25 / n):.1f} "
+             "points; paired differences are judged by an exact McNemar test at α = 0.05 (a claim is *reproduced* "
+             "when it holds at every point and significantly at one at least). Post-training only: the short "
+             "quantization-aware fine-tune of docs/layerwise.md is not part of this run.\n")
+    return "\n".join(L)
+
+
+def _rho(r: Mapping[str, Any] | None) -> str:
+    if r is None or r["rho"] is None:
+        return "—"
+    return f"ρ = {r['rho']:+.2f} (p = {r['p']:.2g}, n = {r['n']})"
+
+
+# ============================================================================================ figures
+def _plot_part1(res: Mapping[str, Any]) -> Any:
+    fig = new_figure((9, 6))
+    axes = fig.subplots(2, 2, sharex=True, squeeze=False)
+    for j, mode in enumerate(MODES):
+        for i, (key, what) in enumerate((("clean_drop", "clean"), ("robust_drop", "robust"))):
+            ax = axes[i, j]
+            for k, (p, d) in enumerate(res["part1"].items()):
+                rows = sorted((r for r in d["rows"] if r["mode"] == mode), key=lambda r: -r["bits"])
+                ax.plot([r["bits"] for r in rows], [100 * r[key] for r in rows], marker="os"[k % 2],
+                        label=f"{PARENT_NAMES[p]} (float {pct(d['float_' + what])} %)")
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xticks(res["settings"]["bits"])
+            ax.set_xlim(max(res["settings"]["bits"]) + 0.5, min(res["settings"]["bits"]) - 0.5)  # fewer bits →
+            ax.set_title(f"{MODES[mode]}: {what} accuracy lost", fontsize=9)
+            ax.set_ylabel("points lost vs float parent")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xlabel("bits")
+    fig.tight_layout()
+    return fig
+
+
+def _plot_bits(res: Mapping[str, Any]) -> Any:
+    s = res["settings"]
+    layers = list(s["layers"])
+    budgets = s["budgets"]
+    fig = new_figure((4.2 * len(budgets), 3.2 * len(PARENTS)))
+    axes = fig.subplots(len(PARENTS), len(budgets), squeeze=False, sharey=True)
+    for i, p in enumerate(PARENTS):
+        for j, budget in enumerate(budgets):
+            ax = axes[i, j]
+            rs = [r for r in res["part2"] if r["parent"] == p and r["budget"] == budget]
+            w = 0.8 / max(len(rs), 1)
+            for k, r in enumerate(rs):
+                ax.bar([li + k * w - 0.4 + w / 2 for li in range(len(layers))], [r["bits"][n] for n in layers],
+                       width=w, color=f"C{k}", label=f"{r['method']} ({pct(r['worst'])} %)")
+            ax.set_xticks(range(len(layers)), [f"{n}\n{s['layers'][n]:,}" for n in layers], fontsize=7)
+            ax.set_yticks([2, 3, 4, 5, 6, 8])
+            ax.set_title(f"{PARENT_NAMES[p]} parent, budget {budget:g} bits", fontsize=9)
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=6, title="method (worst-case robust)", title_fontsize=6, loc="upper left",
+                      ncol=2)
+            ax.set_ylim(0, 11.5)
+            if j == 0:
+                ax.set_ylabel("weight bits")
+    fig.tight_layout()
+    return fig
+
+
+def _plot_consistency(res: Mapping[str, Any]) -> Any:
+    cons = res["consistency"]
+    fig = new_figure((4.5 * len(cons), 3.8))
+    axes = fig.subplots(1, len(cons), squeeze=False)
+    for ax, (p, c) in zip(axes[0], cons.items()):
+        layers = list(dict.fromkeys(s["layer"] for s in c["settings"]))
+        for k, layer in enumerate(layers):
+            pts = [s for s in c["settings"] if s["layer"] == layer and "lipschitz" in s["cost"]]
+            ax.scatter([max(s["cost"]["lipschitz"], 1e-12) for s in pts], [s["loss_increase"] for s in pts],
+                       color=f"C{k}", label=layer, s=22)
+            for s in pts:
+                ax.annotate(str(s["bits"]), (max(s["cost"]["lipschitz"], 1e-12), s["loss_increase"]), fontsize=6,
+                            xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("Lipschitz criterion c_l(b) (log)")
+        ax.set_ylabel("adversarial loss increase")
+        ax.set_title(f"{PARENT_NAMES[p]} parent: {_rho(c['spearman'].get('lipschitz'))}", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="layer (labels: bits)", title_fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,90 @@
+"""``qrobust study layerwise``: the quick run through the CLI writes a report whose claims have the structure the
+paper's three claims need, re-renders byte-identically from its JSON, and refuses bad settings before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qrobust.cli import main
+from qrobust.studies.harness import available_studies, load_results, render_results, study_of
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+VERDICT_WORDS = ("reproduced", "partly reproduced", "not reproduced", "not measured")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("layerwise") / "study"
+    assert main(["study", "layerwise", "--quick", "--budgets", "3,4", "--bits", "8,2", "--out", str(out)]) == 0
+    return out
+
+
+def test_registered():
+    assert "layerwise" in available_studies()
+
+
+def test_quick_run_writes_report_figures_and_claims(quick_run):
+    res = json.loads((quick_run / "results.json").read_text())
+    assert res["format"] == "qrobust-layerwise-study/1" and res["settings"]["quick"]
+    assert {"natural", "pgd-at"} == set(res["part1"]) == set(res["consistency"])
+    for p in res["part1"].values():
+        assert {(r["mode"], r["bits"]) for r in p["rows"]} == {("w", 8), ("w", 2), ("wa", 8), ("wa", 2)}
+        for r in p["rows"]:
+            assert r["robust_drop"] == pytest.approx(p["float_robust"] - r["robust"])
+    layers = res["settings"]["layers"]
+    cells = {(r["parent"], r["budget"], r["method"]) for r in res["part2"]}
+    assert len(cells) == 2 * 2 * 5
+    for r in res["part2"]:
+        assert set(r["bits"]) == set(layers)
+        avg = sum(layers[n] * b for n, b in r["bits"].items()) / sum(layers.values())
+        assert avg == pytest.approx(r["average_bits"]) and avg <= r["budget"] + 1e-9
+        assert 0 <= r["worst"] <= min(r["after"].values()) + 1e-9 and r["worst"] <= r["clean"]
+    c = res["claims"]
+    assert set(c) == {"1", "2", "3"}
+    for k in c:
+        assert c[k]["verdict"].startswith(VERDICT_WORDS), c[k]["verdict"]
+    assert len(c["1"]["points"]) == 4 and all({"p", "only_a", "only_b"} <= set(q) for q in c["1"]["points"])
+    assert {(q["parent"], q["budget"], q["baseline"]) for q in c["2"]["points"]} == {
+        (p, b, m) for p in ("natural", "pgd-at") for b in (3.0, 4.0) for m in ("uniform", "hawq", "random")}
+    n_settings = len(layers) * len(res["settings"]["candidates"])
+    for p, cons in res["consistency"].items():
+        assert len(cons["settings"]) == n_settings
+        r = cons["spearman"]["lipschitz"]
+        assert r["n"] == n_settings and (r["rho"] is None or -1 <= r["rho"] <= 1)
+        assert c["3"]["spearman"][p] == r
+    for png in ("part1.png", "bits.png", "consistency.png"):
+        assert (quick_run / png).read_bytes()[:4] == b"\x89PNG"
+    report = (quick_run / "report.md").read_text()
+    assert "post-training" in report and "## Claims" in report
+
+
+def test_render_is_byte_identical(quick_run, tmp_path, capsys):
+    want = (quick_run / "report.md").read_text()
+    assert render_results(quick_run) == want
+    capsys.readouterr()
+    assert main(["study", "render", str(quick_run / "results.json"), "--out", "-"]) == 0
+    assert capsys.readouterr().out == want
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--bits", "9"], "bits must be"),
+    (["--budgets", "1"], "budgets must lie"),
+    (["--methods", "magic"], "unknown allocation methods"),
+    (["--n-calib", "100000"], "exceeds"),
+])
+def test_bad_settings_are_one_line_errors(capsys, tmp_path, extra, needle):
+    assert main(["study", "layerwise", "--quick", *extra, "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_committed_digits_report_re_renders():
+    path = RESULTS / "layerwise_digits.json"
+    if not path.exists():
+        pytest.skip("bench/results/layerwise_digits.json not committed yet")
+    results = load_results(path)
+    assert study_of(results).name == "layerwise"
+    assert render_results(results) == (RESULTS / "layerwise_digits" / "report.md").read_text()
