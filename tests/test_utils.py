@@ -62,3 +62,13 @@ def test_validation_messages_name_the_setting():
         check_eps(8, "Linf")
     with pytest.raises(ConfigError, match="> 0"):
         check_eps(0, "Linf", positive=True)
+
+
+def test_a_killed_writers_leftover_is_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "metrics.jsonl"
+    leftover = tmp_path / ".metrics.jsonl.abc123.tmp"  # what SIGKILL during a write leaves
+    leftover.write_text("half")
+    other = tmp_path / ".other.json.xyz.tmp"
+    other.write_text("someone else's")
+    atomic_write_text(target, "whole\n")
+    assert target.read_text() == "whole\n" and not leftover.exists() and other.exists()

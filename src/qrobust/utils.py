@@ -76,7 +76,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync
     """Run ``write(tmp_path)`` on a temporary file beside ``path``, then move it over ``path`` in one rename:
     a reader never sees a half-written file, and an interrupted write leaves the old file (or none).
 
-    The file gets the user's normal permissions (0666 less the umask), not the 0600 of a temporary file.
+    The file gets the user's normal permissions (0666 less the umask), not the 0600 of a temporary file, and
+    temporary files an interrupted earlier write of the same target left behind are removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +94,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    # a writer killed mid-write (SIGKILL leaves no chance to clean up) left its temporary file: once the
+    # target is whole again, that leftover is garbage
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
     return path
 
 
