@@ -33,18 +33,9 @@ from qrobust.defenses.objectives import Objective, as_objective, make_objective,
 from qrobust.errors import ConfigError
 from qrobust.models.introspect import weight_layers
 from qrobust.quant import quantize
+from qrobust.quant.spec import spec_for_bits
 
-__all__ = ["RandomPrecision", "RandomPrecisionTraining", "spec_for_bits"]
-
-BINARY_SPEC = "w1a1,act_scheme=sign,sign_grad=clipped,first_layer_bits=8,last_layer_bits=8"
-
-
-def spec_for_bits(bits: int) -> str:
-    """``wBaB`` for 2–8 bits, the binary spec for 1."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ConfigError(f"RandomPrecision bits must be integers 1–8, got {bits!r}")
-    return BINARY_SPEC if bits == 1 else f"w{bits}a{bits}"
-
+__all__ = ["RandomPrecision", "RandomPrecisionTraining"]
 
 class RandomPrecision(nn.Module):
     """``model`` at each of ``bits``, sharing its weights, one precision drawn per forward (module docstring)."""
@@ -54,6 +45,8 @@ class RandomPrecision(nn.Module):
         bits = list(dict.fromkeys(bits))
         if len(bits) < 2:
             raise ConfigError(f"RandomPrecision needs at least two bit-widths, got {bits}")
+        if any(b == 32 or isinstance(b, bool) or not isinstance(b, int) for b in bits):
+            raise ConfigError(f"RandomPrecision bits must be integers 1–8 (each a quantized precision), got {bits}")
         specs = [spec_for_bits(b) for b in bits]
         if any(type(m).__name__.startswith("Quant") for m in model.modules()):
             raise ConfigError("RandomPrecision takes the float model; it quantizes one copy per precision")

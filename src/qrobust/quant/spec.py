@@ -436,3 +436,21 @@ class QuantSpec:
             cfg["sign_grad"] = ov.get("sign_grad", cfg["sign_grad"])
         check_act_combo(cfg["bits"], cfg["scheme"], where=f"activation {name!r}")
         return cfg
+
+
+#: the binary network every study and defense means by "1 bit": sign activations with BinaryNet's clipped
+#: estimator, 8-bit first and last layers (the spelling ``ste=clipped`` is the persisted one)
+BINARY_SPEC = "w1a1,act_scheme=sign,ste=clipped,first_layer_bits=8,last_layer_bits=8"
+
+
+def spec_for_bits(bits: int) -> str:
+    """``"w{b}a{b}"`` for 2–8 bits, :data:`BINARY_SPEC` for 1, ``"float"`` for 32.
+
+    >>> spec_for_bits(4), spec_for_bits(32)
+    ('w4a4', 'float')
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (bits in (1, 32) or 2 <= bits <= 8):
+        raise ConfigError(f"bits must be 1 (binary), 2–8 or 32, got {bits!r}")
+    if bits == 1:
+        return BINARY_SPEC
+    return "float" if bits == 32 else f"w{bits}a{bits}"

@@ -64,6 +64,7 @@ from qrobust.errors import ConfigError
 from qrobust.evaluation import evaluate
 from qrobust.models import build_model
 from qrobust.quant import is_quantized, quantize
+from qrobust.quant.spec import BINARY_SPEC, spec_for_bits
 from qrobust.studies.harness import (
     TRAINING_OPTIONS,
     Option,
@@ -92,7 +93,6 @@ RECIPES = ("ce", "fgsm-rs", "pgd-at", "trades", "odgq")
 RECIPE_NAMES = {"ce": "natural QAT", "fgsm-rs": "FGSM-RS", "pgd-at": "PGD-AT", "trades": "TRADES", "odgq": "ODG-Q"}
 #: 1-bit weights (sign × per-channel mean |w|) and sign activations with BinaryNet's clipped STE; first and
 #: last layer at 8 bits, the usual BNN practice (XNOR-Net, BinaryNet)
-BINARY_SPEC = "w1a1,act_scheme=sign,ste=clipped,first_layer_bits=8,last_layer_bits=8"
 COST_LIMIT = 1.5
 NEAR_PGD = 0.03
 #: results format (absent before: z only); 2 records the exact McNemar test (p, discordant counts) next to z
@@ -133,17 +133,6 @@ class _Budget:
 _QUICK = _Budget(pgd_steps=10, cw_steps=10, apgd_iter=25, mi_steps=5, square_queries=200, spsa_steps=10,
                  spsa_samples=32, at_steps=5, diagnostic_n=64, diagnostic_steps=10, timing_repeats=3,
                  timing_epochs=1)
-
-
-def spec_for_bits(bits: int) -> str:
-    """``"w{b}a{b}"`` for 2–8 bits, :data:`BINARY_SPEC` for 1, ``"float"`` for 32."""
-    if bits == 1:
-        return BINARY_SPEC
-    if bits == 32:
-        return "float"
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ConfigError(f"bits must be 1 (binary), 2–8 or 32, got {bits!r}")
-    return f"w{bits}a{bits}"
 
 
 # ============================================================================================ pieces
