@@ -40,8 +40,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,6 +341,19 @@ def _dist_ranks() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """Join the process group torchrun describes, as ``fit`` does, for one distributed call → ``(rank,
+    world_size)`` (``(0, 1)`` outside torchrun). A group opened here stays open until interpreter exit (see
+    the module docstring); a failure inside marks it, so that exit closes it without the barrier."""
+    _dist_open()
+    try:
+        yield _dist_ranks()
+    except BaseException:
+        _opened["failed"] = True  # the other ranks may never reach a closing barrier
+        raise
 
 
 def close_process_group(*, barrier: bool = True) -> None:

@@ -27,8 +27,10 @@ from qrobust.attacks.base import GRADIENTS
 from qrobust.data.inputs import as_tensors, check_label_range
 from qrobust.errors import ConfigError, InputError
 from qrobust.evaluation.results import AttackResult, EpsResult, RobustnessReport, mask_str
+from qrobust.evaluation.shard import ALONE, Shard, current_shard
 from qrobust.evaluation.state import EvalState, fingerprint
 from qrobust.evaluation.suites import BuildSettings, BuiltAttack, SuiteEntry, build_attacks, mark_roles, suite_entries
+from qrobust.training import process_group
 from qrobust.utils import eval_mode, model_device, progress
 from qrobust.validation import check_choice, check_eps
 
@@ -82,7 +84,51 @@ def evaluate(
     prediction is (a single run of a randomized model is itself random; the worst case over repeats is what
     survives). See :mod:`qrobust.evaluation` for the suites, the sweep semantics and the cost of the
     diagnostics.
+
+    Under ``torchrun --nproc_per_node=N`` the batches of every pass are shared out among the ranks and their
+    per-sample results merged (:mod:`qrobust.evaluation.shard`): every rank returns the report one process
+    would (same masks, same accuracies); write it from rank 0.
     """
+    with process_group() as (rank, world):
+        return _evaluate(model, data, shard=current_shard(rank, world), suite=suite, eps=eps, norm=norm,
+                         gradients=gradients, n=n, batch_size=batch_size, seed=seed, parent=parent,
+                         surrogate=surrogate, individual=individual, n_queries=n_queries,
+                         attack_kwargs=attack_kwargs, diagnostics=diagnostics, diagnostic_n=diagnostic_n,
+                         diagnostic_steps=diagnostic_steps, large_eps=large_eps,
+                         large_eps_max_accuracy=large_eps_max_accuracy, tol=tol,
+                         return_examples=return_examples, model_name=model_name, dataset=dataset,
+                         state_path=state_path, repeats=repeats)
+
+
+def _evaluate(
+    model: nn.Module,
+    data: Any,
+    *,
+    shard: Shard,
+    suite: str | Sequence[Any],
+    eps: float | Sequence[float],
+    norm: str,
+    gradients: str,
+    n: int | None,
+    batch_size: int,
+    seed: int | None,
+    parent: nn.Module | None,
+    surrogate: nn.Module | None,
+    individual: bool,
+    n_queries: int | None,
+    attack_kwargs: Mapping[str, Mapping[str, Any]] | None,
+    diagnostics: bool,
+    diagnostic_n: int,
+    diagnostic_steps: int,
+    large_eps: float,
+    large_eps_max_accuracy: float,
+    tol: float,
+    return_examples: bool,
+    model_name: str | None,
+    dataset: str | None,
+    state_path: str | os.PathLike | None,
+    repeats: int,
+) -> RobustnessReport:
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -116,30 +162,40 @@ def evaluate(
 
     x, y, ds_name = as_tensors(data, n)
     n_total = x.shape[0]
+    if shard.active:
+        shard.check_same(fingerprint(model, x, y, {}), "model weights or data",
+                         "give every rank the same checkpoint and data")
+        n_batches = -(-n_total // batch_size)
+        if n_batches < shard.world:
+            log.warning("%d samples make %d batch(es) of %d for %d ranks: %d rank(s) stay idle; lower "
+                        "batch_size to use them all", n_total, n_batches, batch_size, shard.world,
+                        shard.world - n_batches)
     state = None
     if state_path is not None:
-        state = EvalState(state_path, fingerprint(model, x, y, {
+        state = EvalState(state_path, write=shard.rank == 0, fp=fingerprint(model, x, y, {
             "suite": [_entry_key(e) for e in entries], "eps": eps_values, "norm": norm, "gradients": gradients,
             "seed": seed, "batch_size": batch_size, "individual": individual, "n_queries": n_queries,
             "repeats": repeats,
             "attack_kwargs": overrides, "parent": None if parent is None else fingerprint(parent, x[:0], y[:0], {}),
             "surrogate": None if surrogate is None else fingerprint(surrogate, x[:0], y[:0], {})}))
+        shard.check_same(state.data, f"evaluation states in {state_path}",
+                         "put state_path on a file system every rank shares")
         if state.resumed:
             log.info("continuing the evaluation recorded in %s", state_path)
     sweep = _Sweep(entries=entries, eps_values=eps_values, overrides=overrides,
                    check_overrides=not isinstance(suite, str), batch_size=batch_size, individual=individual,
                    keep_examples=return_examples,
                    build=BuildSettings(model=model, norm=norm, gradients=gradients, seed=seed, surrogate=surrogate),
-                   state=state, repeats=repeats)
+                   state=state, repeats=repeats, shard=shard)
     with ExitStack() as restore_modes:
         restore_modes.enter_context(eval_mode(model))
         if parent is not None:
             restore_modes.enter_context(eval_mode(parent))
-        pred_clean, num_classes = _predict(model, x, batch_size)
+        pred_clean, num_classes = _predict(model, x, batch_size, shard)
         check_label_range(y, num_classes)
         clean_correct = pred_clean == y
         for _ in range(repeats - 1):  # a randomized model: correct only if every prediction is
-            clean_correct &= _predict(model, x, batch_size)[0] == y
+            clean_correct &= _predict(model, x, batch_size, shard)[0] == y
         clean_acc = float(clean_correct.float().mean())
         log.info("clean accuracy %.2f%% on %d samples", 100 * clean_acc, n_total)
 
@@ -151,7 +207,7 @@ def evaluate(
             def attack_ok(atk: Attack, xs: torch.Tensor, ys: torch.Tensor, idx: torch.Tensor,
                           desc: str) -> torch.Tensor:
                 return _run_attack(atk, model, xs, ys, idx, batch_size=batch_size, desc=desc, keep=False,
-                                   repeats=repeats)[0]
+                                   repeats=repeats, shard=shard)[0]
 
             diags, diag_settings = diagnose(
                 model, x, y, clean_correct, runs, attack_ok=attack_ok,
@@ -174,6 +230,8 @@ def evaluate(
         "device": str(model_device(model)),
         **diag_settings,
     }
+    if shard.active:
+        settings["ranks"] = shard.world
     if suite == "quantized" and parent is None:
         settings["transfer"] = "skipped: no parent= float model given"
     arch = getattr(model, "qrobust_arch", None)
@@ -222,6 +280,7 @@ class _Sweep:
     keep_examples: bool
     state: EvalState | None = None
     repeats: int = 1
+    shard: Shard = ALONE
 
 
 def _entry_key(e: SuiteEntry) -> Any:
@@ -294,12 +353,13 @@ def _attack_one(b: BuiltAttack, model: nn.Module, x: torch.Tensor, y: torch.Tens
     idx = targets.nonzero().squeeze(1)
     t0 = time.perf_counter()
     resume = None if st is None else st.partial(e, b.label, idx)
-    on_batch = None if st is None else (
+    on_batch = None if st is None or sweep.shard.active else (  # sharded: recorded per finished attack
         lambda k, ok_, pred_, stats_, dt_: st.record_batch(e, b.label, idx, x.shape[0], k, ok_, pred_, stats_, dt_))
     ok, pred, adv, stats = _run_attack(b.attack, model, x, y, idx, batch_size=sweep.batch_size,
                                        desc=f"{b.label} ε={e:.4g}", keep=sweep.keep_examples,
-                                       resume=resume, on_batch=on_batch, repeats=sweep.repeats)
-    dt = time.perf_counter() - t0 + (resume["time_s"] if resume else 0.0)
+                                       resume=resume, on_batch=on_batch, repeats=sweep.repeats,
+                                       shard=sweep.shard)
+    dt = sweep.shard.max(time.perf_counter() - t0) + (resume["time_s"] if resume else 0.0)
     before = worst.robust.clone()
     worst.robust[idx[~ok]] = False
     newly = before & ~worst.robust
@@ -338,11 +398,17 @@ def _attack_one(b: BuiltAttack, model: nn.Module, x: torch.Tensor, y: torch.Tens
 
 # ------------------------------------------------------------------------------------- running attacks
 @torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
-    """Predicted classes of ``x`` and the model's number of outputs."""
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int, shard: Shard = ALONE
+             ) -> tuple[torch.Tensor, int]:
+    """Predicted classes of ``x`` and the model's number of outputs (sharded: each rank predicts its
+    batches, then the predictions are merged)."""
     dev = model_device(model)
-    out, k = [], 0
-    for i in range(0, x.shape[0], batch_size):
+    pred = torch.zeros(x.shape[0], dtype=torch.long)
+    mine = torch.zeros(x.shape[0], dtype=torch.bool)
+    k = 0
+    for j, i in enumerate(range(0, x.shape[0], batch_size)):
+        if not shard.mine(j):
+            continue
         try:
             logits = model(x[i:i + batch_size].to(dev))
         except RuntimeError as e:  # a shape mismatch deep inside torch: say it in the user's terms
@@ -354,8 +420,9 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.
                              f"{tuple(x[i:i + batch_size].shape)} it returned "
                              f"{getattr(logits, 'shape', type(logits).__name__)}")
         k = logits.shape[1]
-        out.append(logits.argmax(dim=1).cpu())
-    return (torch.cat(out) if out else torch.zeros(0, dtype=torch.long)), k
+        pred[i:i + batch_size] = logits.argmax(dim=1).cpu()
+        mine[i:i + batch_size] = True
+    return shard.merge(pred, mine), int(shard.max(k))
 
 
 def _run_attack(
@@ -371,24 +438,28 @@ def _run_attack(
     resume: dict[str, Any] | None = None,
     on_batch: Callable[[int, torch.Tensor, torch.Tensor, dict[str, int], float], None] | None = None,
     repeats: int = 1,
+    shard: Shard = ALONE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, int]]:
     """Attack the samples ``idx`` in batches; score on ``model``. Returns (still-correct (len(idx),) bool,
     prediction after the attack, x_adv of those samples if ``keep``, summed attack counters).
+    ``shard`` — run only this rank's batches, then merge every rank's (the same on every rank).
 
     ``resume`` — the finished batches of an interrupted run (from the state file): they are not run again.
     ``on_batch(batches_done, ok, pred, stats, seconds)`` is called after every batch (to record progress)."""
     ok = torch.zeros(idx.numel(), dtype=torch.bool)
     pred = torch.zeros(idx.numel(), dtype=torch.long)
-    advs: list[torch.Tensor] = []
-    stats: dict[str, int] = {}
+    kept = x[idx].clone() if keep else None
+    resumed: dict[str, int] = {}
+    stats: dict[str, int] = {}  # of the batches run in this call
+    mine = torch.zeros(idx.numel(), dtype=torch.bool)
     dev = model_device(model)
     starts = range(0, idx.numel(), batch_size)
     first, t0, t_before = 0, time.perf_counter(), 0.0
     if resume is not None:
         first, t_before = int(resume["batches"]), float(resume["time_s"])
-        ok, pred, stats = resume["ok"].clone(), resume["pred"].clone(), dict(resume["stats"])
+        ok, pred, resumed = resume["ok"].clone(), resume["pred"].clone(), dict(resume["stats"])
     for k, s in enumerate(progress(starts, desc=desc, total=len(starts))):
-        if k < first:
+        if k < first or not shard.mine(k):
             continue
         b = idx[s:s + batch_size]
         xb, yb = x[b], y[b]
@@ -405,12 +476,23 @@ def _run_attack(
                 still &= model(x_adv.to(dev)).argmax(dim=1).cpu() == yb
         pred[s:s + b.numel()] = p
         ok[s:s + b.numel()] = still
-        if keep:
-            advs.append(x_adv.detach().cpu())
+        mine[s:s + b.numel()] = True
+        if kept is not None:
+            kept[s:s + b.numel()] = x_adv.detach().to(kept.device)
         for name, v in getattr(atk, "last_stats", {}).items():
             if isinstance(v, int):
                 stats[name] = stats.get(name, 0) + v
         if on_batch is not None:
-            on_batch(k + 1, ok, pred, stats, t_before + time.perf_counter() - t0)
-    kept = torch.cat(advs) if keep and advs else (x[idx].clone() if keep else None)
-    return ok, pred, kept, stats
+            on_batch(k + 1, ok, pred, _add_counts(resumed, stats), t_before + time.perf_counter() - t0)
+    if shard.active:
+        ok, pred = shard.merge(ok, mine), shard.merge(pred, mine)
+        kept = None if kept is None else shard.merge(kept, mine)
+        stats = shard.sum_counts(stats)
+    return ok, pred, kept, _add_counts(resumed, stats)
+
+
+def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out

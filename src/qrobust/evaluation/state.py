@@ -12,7 +12,8 @@ that changes a number (suite, ε, norm, gradients, seed, batch size, …). A sta
 evaluation is refused with an error instead of being mixed in; each attack's own settings are checked again
 when its stored result is reused. The diagnostics, run after the attacks, are recomputed (they are cheap next
 to a suite); adversarial examples are not stored, so ``return_examples=True`` and ``state_path`` exclude each
-other.
+other. Under torchrun every rank reads the file and rank 0 writes it, once per finished attack
+(:mod:`qrobust.evaluation.shard`).
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: di
 class EvalState:
     """The state file of one evaluation: load (and check) it, ask what is done, record progress."""
 
-    def __init__(self, path: str | os.PathLike, fp: str) -> None:
+    def __init__(self, path: str | os.PathLike, fp: str, *, write: bool = True) -> None:
         self.path = Path(path)
         self.fp = fp
+        self.write = write  # under torchrun only rank 0 writes (every rank reads)
         self.data: dict[str, Any] = {"format": FORMAT, "fingerprint": fp, "done": {}, "partial": None}
         if self.path.is_dir():
             raise ConfigError(f"state_path {self.path} is a folder; give a file name such as {self.path}/state.json")
@@ -85,6 +87,8 @@ class EvalState:
         return f"{eps!r}|{label}"
 
     def _save(self) -> None:
+        if not self.write:
+            return
         atomic_write_text(self.path, json.dumps(self.data, allow_nan=False) + "\n")
 
     def finished(self, eps: float, label: str, settings: dict[str, Any]) -> tuple[AttackResult, torch.Tensor] | None:
