@@ -41,6 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from qrobust import zoo
 from qrobust._version import __version__
 from qrobust.errors import CheckpointError, ConfigError
 from qrobust.models import build_from_arch
@@ -204,7 +205,10 @@ def epoch_checkpoints(run: str | os.PathLike) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run folder (its ``final.safetensors``, else its newest epoch checkpoint)."""
+    """A checkpoint file, a run folder (its ``final.safetensors``, else its newest epoch checkpoint), or a
+    zoo name ``"zoo:NAME"`` (:func:`qrobust.zoo.resolve`: the repository's ``zoo/`` or ``$QROBUST_ZOO``)."""
+    if zoo.is_zoo_name(str(path)):
+        return zoo.resolve(str(path))
     p = Path(path)
     if p.is_dir():
         if (p / FINAL_NAME).is_file():
@@ -338,7 +342,8 @@ def _into_skeleton(skeleton: nn.Module, meta: dict, source: str) -> nn.Module:
 def load(
     path: str | os.PathLike, *, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
 ) -> nn.Module:
-    """Rebuild the model saved at ``path`` (file or run folder), in eval mode, expecting [0, 1] pixels.
+    """Rebuild the model saved at ``path`` (file, run folder or ``"zoo:NAME"``), in eval mode, expecting [0, 1]
+    pixels.
 
     ``model`` — a freshly built *float* instance of the saved model's class, as for ``load_state_dict`` —
     receives the checkpoint instead of a rebuilt registry architecture: it is quantized to the saved spec

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from qrobust import checkpoint
+from qrobust import checkpoint, zoo
 from qrobust._version import __version__
 from qrobust.analysis.allocation import DEFAULT_CANDIDATES, METHODS, allocate
 from qrobust.analysis.amplification import amplification_report
@@ -46,8 +47,8 @@ from qrobust.studies.harness import (
     save_figure,
     study_of,
 )
-from qrobust.training import FitConfig, close_process_group, fit
-from qrobust.utils import seed_everything
+from qrobust.training import FitConfig, close_process_group, fit, process_group
+from qrobust.utils import atomic_write_bytes, seed_everything
 
 log = logging.getLogger("qrobust")
 
@@ -453,8 +454,18 @@ def eval_attack_options(text: str | None) -> dict[str, dict]:
 EVAL_STATE = "eval-state.json"
 
 
+def _out_stem(ckpt: str) -> str:
+    """The default output folder's stem for a checkpoint argument (``zoo:NAME`` → ``NAME``)."""
+    return ckpt[len(zoo.PREFIX):] if zoo.is_zoo_name(ckpt) else Path(ckpt).with_suffix("").as_posix()
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    out = check_out(Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-eval-{args.suite}"))
+    with process_group() as (rank, world):  # under torchrun: the ranks share the work, rank 0 writes
+        return _cmd_eval(args, rank, world)
+
+
+def _cmd_eval(args: argparse.Namespace, rank: int, world: int) -> int:
+    out = check_out(Path(args.out or _out_stem(args.checkpoint) + f"-eval-{args.suite}"))
     options = eval_attack_options(args.attack_options)
     given_eps = None if args.eps is None else parse_eps(args.eps, args.norm)
     state = out / EVAL_STATE
@@ -463,6 +474,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "or delete that file to start over")
     if args.resume and not state.exists():
         log.warning("nothing to resume in %s: evaluating from the start", out)
+    if world > 1:
+        dist.barrier()  # every rank has looked for an interrupted state before rank 0 writes one
     model = checkpoint.load(args.checkpoint)
     data, dataset = _eval_data(args, model)
     eps = _eps_for(args, dataset, given_eps)
@@ -485,6 +498,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dataset=dataset,
         state_path=state,  # progress after every batch: a killed run continues with --resume
     )
+    if rank != 0:
+        return 0
     report.save(out)
     state.unlink(missing_ok=True)
     print(report.summary())
@@ -492,8 +507,80 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_time(log_path: str) -> float:
+    """``--train-log``: a run folder or its ``metrics.jsonl`` → the training time it records."""
+    p = Path(log_path)
+    p = p / "metrics.jsonl" if p.is_dir() else p
+    try:
+        history = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise UsageError(f"qrobust: --train-log {log_path}: cannot read a metrics.jsonl there ({e})") from e
+    return zoo.train_time_from(history)
+
+
+def cmd_zoo_card(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint and add it to the zoo: NAME.safetensors + the card NAME.json from the report."""
+    with process_group() as (rank, world):  # under torchrun the evaluation is sharded, rank 0 writes
+        folder = Path(args.zoo) if args.zoo else zoo.zoo_dir()
+        card_path = folder / f"{args.name}.json"
+        if card_path.exists() and not args.force:
+            raise UsageError(f"qrobust: {card_path} exists: pass --force to replace the entry, or choose another "
+                             "--name")
+        src = checkpoint.resolve_checkpoint(args.checkpoint)
+        meta = checkpoint.read_metadata(src)
+        train_time = _train_time(args.train_log) if args.train_log else None
+        model = checkpoint.load(src)
+        data, dataset = _eval_data(args, model)
+        eps = _eps_for(args, dataset, None if args.eps is None else [parse_eps(args.eps, args.norm, one=True)])
+        report = evaluate(model, data, suite=args.suite, eps=eps, norm=args.norm, gradients=args.gradients,
+                          batch_size=args.batch_size, seed=args.seed, n_queries=args.n_queries,
+                          model_name=f"zoo:{args.name}", dataset=dataset)
+        card = zoo.card_from_report(report.to_dict(), meta, name=args.name, command=args.command,
+                                    train_time_s=train_time)
+        if rank != 0:
+            return 0
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / card["checkpoint"]
+        if target.resolve() != src.resolve():
+            atomic_write_bytes(target, src.read_bytes())
+        zoo.write_card(card, folder)
+        if args.out:
+            report.save(check_out(Path(args.out)))
+        print(report.summary())
+        print(f"zoo entry {args.name}: {target} ({target.stat().st_size / 1e6:.2f} MB) and {card_path}")
+    return 0
+
+
+def cmd_zoo_table(args: argparse.Namespace) -> int:
+    print(zoo.markdown_table(zoo.cards(args.zoo)), end="")
+    return 0
+
+
+def _add_zoo_parsers(sub: Any, attack_target_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    z = sub.add_parser("zoo", help="the model zoo: add a checkpoint with its card, print the README table")
+    zs = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", parser_class=_Parser, required=True)
+    zoo_help = f"zoo folder (default: ${zoo.ENV}, else the repository's zoo/)"
+    c = zs.add_parser("card", help="evaluate a checkpoint, copy it into the zoo and write its card NAME.json")
+    attack_target_args(c)
+    c.set_defaults(n=None)  # the whole test split unless --n says otherwise
+    c.add_argument("--name", required=True, help="zoo name, e.g. digits-digits_cnn-w4a4-pgd-at")
+    c.add_argument("--command", required=True, help="the `qrobust train …` command that trained the checkpoint")
+    c.add_argument("--train-log", default=None,
+                   help="run folder or metrics.jsonl for the training time (default: the checkpoint's history)")
+    c.add_argument("--suite", default="standard", help="attack suite (default: %(default)s)")
+    c.add_argument("--eps", default=None, help="one ε, written like eval's (default: the dataset's customary ε)")
+    c.add_argument("--n-queries", type=_positive_int, default=None, help="Square's query budget (default 5000)")
+    c.add_argument("--batch-size", type=_positive_int, default=256)
+    c.add_argument("--zoo", default=None, help=zoo_help)
+    c.add_argument("--force", action="store_true", help="replace an existing entry of that name")
+    c.set_defaults(func=cmd_zoo_card)
+    t = zs.add_parser("table", help="print the Markdown table of the zoo's cards (for the README)")
+    t.add_argument("--zoo", default=None, help=zoo_help)
+    t.set_defaults(func=cmd_zoo_table)
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
-    out = check_out(Path(args.out or f"{Path(args.checkpoint).with_suffix('').as_posix()}-{args.attack}"))
+    out = check_out(Path(args.out or f"{_out_stem(args.checkpoint)}-{args.attack}"))
     own = _json_option(args.attack_options, "--attack-options")
     _refuse_flag_settings(own, "--attack-options", {**FLAG_SETTINGS, "gradients": "--gradients"})
     given_eps = None if args.eps is None else [parse_eps(args.eps, args.norm, one=True)]
@@ -930,6 +1017,7 @@ def make_parser() -> argparse.ArgumentParser:
     an.set_defaults(func=cmd_analyze)
 
     _add_study_parsers(sub)
+    _add_zoo_parsers(sub, _attack_target_args)
     return p
 
 
