@@ -44,6 +44,10 @@ not attacked again, so the headline accuracy never increases with ε.
 ``attack_kwargs={"label": {...}}`` overrides the settings of a suite entry by its label (e.g.
 ``{"apgd-ce": {"n_iter": 20}}``).
 
+**Under torchrun** (``torchrun --nproc_per_node=N``, gloo on CPU, nccl on GPU) the work is sharded and the
+report is the single-process one, on every rank (:mod:`~qrobust.evaluation.shard` says how and why the seeds
+do not change); rank 0 writes.
+
 **Diagnostics** (the checks: :mod:`qrobust.analysis.diagnostics`; what is measured for them:
 :mod:`qrobust.analysis.diagnose`) run with every report unless ``diagnostics=False``;
 they cost, on the first ``diagnostic_n`` samples (default 256): one input-gradient batch per gradient mode;
