@@ -48,7 +48,7 @@ from qrobust.studies.harness import (
     study_of,
 )
 from qrobust.training import FitConfig, close_process_group, fit, process_group
-from qrobust.utils import atomic_write_bytes, seed_everything
+from qrobust.utils import atomic_write_bytes, default_device, seed_everything
 
 log = logging.getLogger("qrobust")
 
@@ -476,10 +476,13 @@ def _cmd_eval(args: argparse.Namespace, rank: int, world: int) -> int:
         log.warning("nothing to resume in %s: evaluating from the start", out)
     if world > 1:
         dist.barrier()  # every rank has looked for an interrupted state before rank 0 writes one
-    model = checkpoint.load(args.checkpoint)
+    if rank != 0:  # the ranks log the same lines: rank 0's are enough
+        logging.getLogger("qrobust").setLevel(logging.WARNING)
+    device = default_device()  # the GPU where there is one (under torchrun, the rank's own)
+    model = checkpoint.load(args.checkpoint, map_location=device)
     data, dataset = _eval_data(args, model)
     eps = _eps_for(args, dataset, given_eps)
-    parent = checkpoint.load(args.parent) if args.parent else None
+    parent = checkpoint.load(args.parent, map_location=device) if args.parent else None
     out.mkdir(parents=True, exist_ok=True)
     report = evaluate(
         model,
@@ -529,7 +532,7 @@ def cmd_zoo_card(args: argparse.Namespace) -> int:
         src = checkpoint.resolve_checkpoint(args.checkpoint)
         meta = checkpoint.read_metadata(src)
         train_time = _train_time(args.train_log) if args.train_log else None
-        model = checkpoint.load(src)
+        model = checkpoint.load(src, map_location=default_device())
         data, dataset = _eval_data(args, model)
         eps = _eps_for(args, dataset, None if args.eps is None else [parse_eps(args.eps, args.norm, one=True)])
         report = evaluate(model, data, suite=args.suite, eps=eps, norm=args.norm, gradients=args.gradients,

@@ -54,7 +54,7 @@ from qrobust import checkpoint as ckpt
 from qrobust.data.inputs import as_batches, check_label_range
 from qrobust.defenses.objectives import Objective, make_objective, split_output
 from qrobust.errors import CheckpointError, ConfigError, InputError
-from qrobust.utils import atomic_write_text, eval_mode, model_device, progress, seed_everything
+from qrobust.utils import atomic_write_text, default_device, eval_mode, model_device, progress, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -431,11 +431,7 @@ def _fit(
     cfg.validate()
     obj = make_objective(objective)
     rank, world = _dist_ranks()
-    device = (
-        torch.device(device)
-        if device is not None
-        else (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
-    )
+    device = torch.device(device) if device is not None else default_device()
     out_path = Path(out) if out is not None else None
     history: list[dict[str, Any]] = []
     start_epoch = 0

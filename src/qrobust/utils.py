@@ -48,6 +48,12 @@ def model_device_dtype(
     return torch.device("cpu"), fallback
 
 
+def default_device() -> torch.device:
+    """Where a run goes when nobody says: the current CUDA device (under torchrun, the rank's own) where there
+    is one, else the CPU — what ``fit`` and the CLI's evaluations use."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of ``model``'s tensors (CPU for a model without any)."""
     return model_device_dtype(model)[0]

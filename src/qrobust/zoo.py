@@ -79,9 +79,9 @@ def zoo_dir(path: str | os.PathLike | None = None) -> Path:
         if found is None:
             pkg = Path(__file__).resolve().parent
             raise CheckpointError(
-                f"no zoo folder: qrobust runs from {pkg}, outside a qrobust repository, so there is no "
-                f"{pkg.parent.parent / 'zoo'}; set {ENV}=/path/to/qrobust/zoo (a checkout's zoo/ folder) or "
-                f"pass zoo_dir=")
+                f"no zoo folder: qrobust runs from {pkg}, not from a checkout's src/qrobust with a zoo/ beside "
+                f"src/ (looked for {pkg.parent.parent / 'zoo'}); set {ENV}=/path/to/qrobust/zoo (a checkout's "
+                f"zoo/ folder), pass zoo_dir=, or give the checkpoint's path")
         return found
     if not where.is_dir():
         raise CheckpointError(f"the zoo folder {where} (from {how}) does not exist; point {how} at a folder of "
