@@ -356,13 +356,16 @@ def process_group() -> Iterator[tuple[int, int]]:
         raise
 
 
-def close_process_group(*, barrier: bool = True) -> None:
+def close_process_group(*, barrier: bool | None = None) -> None:
     """Leave the open process group (if any) together: a barrier, then destroy it (a no-op without one).
 
     Exiting with it open let a rank abort in gloo's teardown ("terminate called without an active
     exception") while the machine was loaded. ``barrier=False`` after a failure: the other ranks may never
-    reach the barrier, and torchrun ends them when this one exits.
+    reach the barrier, and torchrun ends them when this one exits. ``None`` (the default): the barrier unless
+    a ``fit`` or an evaluation in this process failed.
     """
+    if barrier is None:
+        barrier = not _opened["failed"]
     if dist.is_available() and dist.is_initialized():
         try:
             if barrier:

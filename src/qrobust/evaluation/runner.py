@@ -11,7 +11,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,7 @@ def evaluate(
     dataset: str | None = None,
     state_path: str | os.PathLike | None = None,
     repeats: int = 1,
+    distributed: bool = True,
 ) -> RobustnessReport:
     """Evaluate ``model`` on ``data`` under ``suite`` at ``eps`` (one value or a list) → a report.
 
@@ -87,9 +88,11 @@ def evaluate(
 
     Under ``torchrun --nproc_per_node=N`` the batches of every pass are shared out among the ranks and their
     per-sample results merged (:mod:`qrobust.evaluation.shard`): every rank returns the report one process
-    would (same masks, same accuracies); write it from rank 0.
+    would (same masks, same accuracies); write it from rank 0. Every rank must then call ``evaluate`` (the
+    ranks meet after every pass); ``distributed=False`` evaluates everything in this process, for a call made
+    on one rank only (e.g. in a ``fit`` callback, which runs on rank 0).
     """
-    with process_group() as (rank, world):
+    with process_group() if distributed else nullcontext((0, 1)) as (rank, world):
         return _evaluate(model, data, shard=current_shard(rank, world), suite=suite, eps=eps, norm=norm,
                          gradients=gradients, n=n, batch_size=batch_size, seed=seed, parent=parent,
                          surrogate=surrogate, individual=individual, n_queries=n_queries,
