@@ -529,6 +529,7 @@ def cmd_zoo_card(args: argparse.Namespace) -> int:
         if card_path.exists() and not args.force:
             raise UsageError(f"qrobust: {card_path} exists: pass --force to replace the entry, or choose another "
                              "--name")
+        report_dir = check_out(Path(args.out)) if args.out else None  # before any work
         src = checkpoint.resolve_checkpoint(args.checkpoint)
         meta = checkpoint.read_metadata(src)
         train_time = _train_time(args.train_log) if args.train_log else None
@@ -547,8 +548,8 @@ def cmd_zoo_card(args: argparse.Namespace) -> int:
         if target.resolve() != src.resolve():
             atomic_write_bytes(target, src.read_bytes())
         zoo.write_card(card, folder)
-        if args.out:
-            report.save(check_out(Path(args.out)))
+        if report_dir is not None:
+            report.save(report_dir)
         print(report.summary())
         print(f"zoo entry {args.name}: {target} ({target.stat().st_size / 1e6:.2f} MB) and {card_path}")
     return 0
@@ -566,6 +567,11 @@ def _add_zoo_parsers(sub: Any, attack_target_args: Callable[[argparse.ArgumentPa
     c = zs.add_parser("card", help="evaluate a checkpoint, copy it into the zoo and write its card NAME.json")
     attack_target_args(c)
     c.set_defaults(n=None)  # the whole test split unless --n says otherwise
+    for action in c._actions:
+        if action.dest == "n":
+            action.help = "number of test images, the first of the test split (default: all of them)"
+        elif action.dest == "out":
+            action.help = "also save the full report (report.json/.md, plot) in this folder"
     c.add_argument("--name", required=True, help="zoo name, e.g. digits-digits_cnn-w4a4-pgd-at")
     c.add_argument("--command", required=True, help="the `qrobust train …` command that trained the checkpoint")
     c.add_argument("--train-log", default=None,
@@ -930,7 +936,7 @@ def make_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("describe", help="per-layer quantization table of a checkpoint")
-    s.add_argument("checkpoint", help="checkpoint file or run folder")
+    s.add_argument("checkpoint", help="checkpoint file, run folder or zoo:NAME")
     s.set_defaults(func=cmd_describe)
 
     qz = sub.add_parser("quantize", help="per-layer weight bits under a size budget; saves the quantized model",
@@ -956,7 +962,7 @@ def make_parser() -> argparse.ArgumentParser:
     qz.set_defaults(func=cmd_quantize)
 
     def _attack_target_args(a: argparse.ArgumentParser) -> None:
-        a.add_argument("checkpoint", help="checkpoint file or run folder")
+        a.add_argument("checkpoint", help="checkpoint file, run folder or zoo:NAME")
         _add_data_args(a, default=None)
         a.add_argument("--n", type=_positive_int, default=1000, help="number of test images (default: %(default)s)")
         a.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
