@@ -44,7 +44,9 @@ def test_each_committed_card_is_valid_and_its_clean_accuracy_holds_on_real_data(
     assert meta["metadata"]["dataset"] == card["dataset"]
     assert (meta.get("arch") or {}).get("name") == card["architecture"]
     assert str(qrobust.QuantSpec.from_dict(meta["spec"])) == card["spec"]
-    root = DATA if card["dataset"] != "digits" else None
+    root = DATA if card["dataset"] != "digits" else None  # digits ship with scikit-learn
+    if root is not None and not root.is_dir():
+        pytest.skip(f"{card['dataset']} needs ../shared/data, which is not here")
     x, y = load_dataset(card["dataset"], "test", root=root).tensors(n=card["n_eval"])
     assert x.shape[0] == card["n_eval"]
     clean = 100 * accuracy(model, (x, y))
