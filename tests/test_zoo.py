@@ -175,3 +175,16 @@ def test_a_zoo_name_gives_a_plain_default_output_folder():
 
     assert _out_stem("zoo:digits-a.b") == "digits-a.b"
     assert _out_stem("runs/m.safetensors") == "runs/m"
+
+
+README_MARKERS = ("<!-- zoo-table -->", "<!-- /zoo-table -->")
+
+
+def test_the_readme_zoo_table_is_the_generated_one():
+    """The README's zoo table is `qrobust zoo table`'s output, between its two markers."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = README_MARKERS
+    if start not in text:
+        pytest.skip("README.md has no zoo table yet (between <!-- zoo-table --> and <!-- /zoo-table -->)")
+    table = text.split(start, 1)[1].split(end, 1)[0].strip()
+    assert table == zoo.markdown_table(zoo.cards(ZOO)).strip(), "regenerate it: qrobust zoo table"

@@ -259,6 +259,8 @@ def card_from_report(report: Mapping[str, Any], checkpoint_meta: Mapping[str, An
         "n_eval": report["n_examples"],
         "suite": report["suite"],
         "seed": report.get("seed"),
+        "gradients": report.get("gradients"),
+        "batch_size": report.get("batch_size"),  # the attacks' random draws are per batch: it is part of the run
         "flags": list(report.get("flags", [])),
         "eval_time_s": round(float(report.get("wall_time_s", 0.0)), 1),
         "checkpoint": f"{name}.safetensors",

@@ -14,9 +14,10 @@ whole, so a sample's randomness depends on the batch it sits in and its place th
 process's batches keeps every sample in the same batch, in the same place, under the same seed — whatever
 the number of ranks — so the per-sample masks are those of one process (and so are the floating-point
 results, on the same kind of device). A finer split (per-sample generators) would change every attack;
-this one changes none. The price: at most ``ceil(n / batch_size)`` ranks have work, so lower ``batch_size``
-to keep many ranks busy (a smaller ``batch_size`` is a different, equally valid, evaluation; it is in the
-report).
+this one changes none. (A randomized *model* — random precision — draws from the global RNG, whose stream
+differs between ranks: its per-sample results are random in one process too, and are merged all the same.)
+The price: at most ``ceil(n / batch_size)`` ranks have work, so lower ``batch_size`` to keep many ranks busy
+(a smaller ``batch_size`` is a different, equally valid, evaluation; it is in the report).
 
 **Files.** Every rank returns the same report; rank 0 writes (``qrobust eval`` saves the report from rank 0
 only). A ``state_path`` must be on a file system every rank sees: every rank reads it, rank 0 alone writes
