@@ -99,6 +99,19 @@ if dist.get_rank() == 0:
     for name, rep in (("examples", ex), ("state", st), ("alone", alone)):
         with open(os.path.join(out, name + "-report.json"), "w") as f:
             json.dump(rep.to_dict(), f)
+dist.barrier()
+
+# then rank 0 dies in the middle of PGD at the second ε, at its second batch (the batch of round 2)
+from qrobust.attacks import PGD
+real, calls = PGD.perturb, {"n": 0}
+def dying(self, x, y):
+    if self.eps == 0.1 and dist.get_rank() == 0:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("rank 0 dies on purpose")
+    return real(self, x, y)
+PGD.perturb = dying
+qrobust.evaluate(model, data, state_path=os.path.join(out, "killed-state.json"), **kw)
 """
 
 
@@ -113,7 +126,9 @@ def test_library_evaluate_under_torchrun_merges_examples_and_state(trained, tmp_
 
     script = tmp_path / "lib_eval.py"
     script.write_text(_LIBRARY)
-    _torchrun("--", str(script), str(trained), str(tmp_path), str(N), str(BATCH), str(SEED), json.dumps(SUITE))
+    r = _torchrun("--", str(script), str(trained), str(tmp_path), str(N), str(BATCH), str(SEED), json.dumps(SUITE),
+                  check=False)
+    assert r.returncode != 0 and "rank 0 dies on purpose" in r.stderr, r.stderr[:3000]
     for name in ("examples", "state", "alone"):
         got = json.loads((tmp_path / f"{name}-report.json").read_text())
         assert _numbers(got) == _numbers(ref.to_dict()), name
@@ -126,6 +141,14 @@ def test_library_evaluate_under_torchrun_merges_examples_and_state(trained, tmp_
     again = qrobust.evaluate(model, data, state_path=tmp_path / "eval-state.json", **kw)
     assert again.wall_time_s < 0.5 * ref.wall_time_s  # nothing attacked again
     assert _numbers(again.to_dict()) == _numbers(ref.to_dict())
+
+    # the killed sharded run recorded its finished attacks and the first round of PGD's batches (one per
+    # rank): a single process continues from there to the uninterrupted numbers
+    killed = json.loads((tmp_path / "killed-state.json").read_text())
+    assert len(killed["done"]) == 4  # ε=0.05: fgsm, pgd, square; ε=0.1: fgsm
+    assert killed["partial"]["key"].endswith("|pgd-5") and killed["partial"]["batches"] == 2
+    resumed = qrobust.evaluate(model, data, state_path=tmp_path / "killed-state.json", **kw)
+    assert _numbers(resumed.to_dict()) == _numbers(ref.to_dict())
 
 
 _FAILING = """

@@ -356,7 +356,7 @@ def _attack_one(b: BuiltAttack, model: nn.Module, x: torch.Tensor, y: torch.Tens
     idx = targets.nonzero().squeeze(1)
     t0 = time.perf_counter()
     resume = None if st is None else st.partial(e, b.label, idx)
-    on_batch = None if st is None or sweep.shard.active else (  # sharded: recorded per finished attack
+    on_batch = None if st is None else (
         lambda k, ok_, pred_, stats_, dt_: st.record_batch(e, b.label, idx, x.shape[0], k, ok_, pred_, stats_, dt_))
     ok, pred, adv, stats = _run_attack(b.attack, model, x, y, idx, batch_size=sweep.batch_size,
                                        desc=f"{b.label} ε={e:.4g}", keep=sweep.keep_examples,
@@ -461,37 +461,53 @@ def _run_attack(
     if resume is not None:
         first, t_before = int(resume["batches"]), float(resume["time_s"])
         ok, pred, resumed = resume["ok"].clone(), resume["pred"].clone(), dict(resume["stats"])
-    for k, s in enumerate(progress(starts, desc=desc, total=len(starts))):
-        if k < first or not shard.mine(k):
-            continue
-        b = idx[s:s + batch_size]
-        xb, yb = x[b], y[b]
-        x_adv = atk(xb, yb)
-        dist = lp_norm(x_adv.float() - xb, atk.norm)
-        outside = bool((dist > atk.eps * (1 + 1e-5) + 1e-6).any())
-        if outside or float(x_adv.min()) < 0 or float(x_adv.max()) > 1:
-            raise RuntimeError(f"{atk!r} returned examples outside the threat model (max distance "
-                               f"{float(dist.max()):.6g} > ε={atk.eps}); this is a bug in the attack")
-        with torch.no_grad():
-            p = model(x_adv.to(dev)).argmax(dim=1).cpu()
-            still = p == yb
-            for _ in range(repeats - 1):  # a randomized model: broken if any prediction is wrong
-                still &= model(x_adv.to(dev)).argmax(dim=1).cpu() == yb
-        pred[s:s + b.numel()] = p
-        ok[s:s + b.numel()] = still
-        mine[s:s + b.numel()] = True
-        if kept is not None:
-            kept[s:s + b.numel()] = x_adv.detach().to(kept.device)
-        for name, v in getattr(atk, "last_stats", {}).items():
-            if isinstance(v, int):
-                stats[name] = stats.get(name, 0) + v
+    # rounds of one batch per rank (rank r runs batch k0 + r); after each round the finished batches form a
+    # prefix, which is what the state file records
+    rounds = range(first, len(starts), shard.world)
+    for k0 in progress(rounds, desc=desc, total=len(rounds)):
+        k = k0 + shard.rank
+        if k < len(starts):
+            _attack_batch(atk, model, x, y, idx, starts[k], batch_size, dev, repeats, ok, pred, mine, kept, stats)
         if on_batch is not None:
-            on_batch(k + 1, ok, pred, _add_counts(resumed, stats), t_before + time.perf_counter() - t0)
+            done, t = min(k0 + shard.world, len(starts)), t_before + time.perf_counter() - t0
+            if shard.active:
+                on_batch(done, shard.merge(ok, mine), shard.merge(pred, mine),
+                         _add_counts(resumed, shard.sum_counts(stats)), t)
+            else:
+                on_batch(done, ok, pred, _add_counts(resumed, stats), t)
     if shard.active:
         ok, pred = shard.merge(ok, mine), shard.merge(pred, mine)
         kept = None if kept is None else shard.merge(kept, mine)
         stats = shard.sum_counts(stats)
     return ok, pred, kept, _add_counts(resumed, stats)
+
+
+def _attack_batch(atk: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, s: int,
+                  batch_size: int, dev: torch.device, repeats: int, ok: torch.Tensor, pred: torch.Tensor,
+                  mine: torch.Tensor, kept: torch.Tensor | None, stats: dict[str, int]) -> None:
+    """Attack the batch of ``idx`` starting at ``s``; write its results into ``ok``/``pred``/``mine``/``kept``
+    and add its attack counters to ``stats``."""
+    b = idx[s:s + batch_size]
+    xb, yb = x[b], y[b]
+    x_adv = atk(xb, yb)
+    dist = lp_norm(x_adv.float() - xb, atk.norm)
+    outside = bool((dist > atk.eps * (1 + 1e-5) + 1e-6).any())
+    if outside or float(x_adv.min()) < 0 or float(x_adv.max()) > 1:
+        raise RuntimeError(f"{atk!r} returned examples outside the threat model (max distance "
+                           f"{float(dist.max()):.6g} > ε={atk.eps}); this is a bug in the attack")
+    with torch.no_grad():
+        p = model(x_adv.to(dev)).argmax(dim=1).cpu()
+        still = p == yb
+        for _ in range(repeats - 1):  # a randomized model: broken if any prediction is wrong
+            still &= model(x_adv.to(dev)).argmax(dim=1).cpu() == yb
+    pred[s:s + b.numel()] = p
+    ok[s:s + b.numel()] = still
+    mine[s:s + b.numel()] = True
+    if kept is not None:
+        kept[s:s + b.numel()] = x_adv.detach().to(kept.device)
+    for name, v in getattr(atk, "last_stats", {}).items():
+        if isinstance(v, int):
+            stats[name] = stats.get(name, 0) + v
 
 
 def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:

@@ -3,10 +3,11 @@ its work across the ranks and merges it into the report a single process would w
 
 **What is split.** Every pass over the samples (the clean predictions, each attack at each ε, the
 diagnostics' attacks) cuts its samples into the batches a single process would make (``batch_size``
-consecutive samples of the same index list) and rank ``r`` runs batches ``r, r + N, r + 2N, …``. After each
-pass the per-sample results (still-correct flags, predictions, adversarial examples when kept) are merged
-with one ``all_reduce`` — each rank contributes its own batches, zeros elsewhere — so every rank continues
-with the same worst-case mask and builds the same index list for the next attack.
+consecutive samples of the same index list) and runs them in rounds of one batch per rank (rank ``r`` runs
+batches ``r, r + N, r + 2N, …``). After each pass the per-sample results (still-correct flags, predictions,
+adversarial examples when kept) are merged with ``all_reduce`` — each rank contributes its own batches,
+zeros elsewhere — so every rank continues with the same worst-case mask and builds the same index list for
+the next attack.
 
 **Why the numbers are the single process's.** An attack seeds a private generator at the start of every
 call (one call per batch) and draws its random starts, targets and square positions for the batch as a
@@ -21,9 +22,9 @@ The price: at most ``ceil(n / batch_size)`` ranks have work, so lower ``batch_si
 
 **Files.** Every rank returns the same report; rank 0 writes (``qrobust eval`` saves the report from rank 0
 only). A ``state_path`` must be on a file system every rank sees: every rank reads it, rank 0 alone writes
-it, after each finished attack (a sharded run records no per-batch progress, so an interrupted attack
-restarts from its first unfinished batch of the last single-process record, or from its start). A state
-file written by a sharded run continues in a single process and vice versa: the numbers are the same.
+it — after every round (the results of the round's batches merged first: the finished batches are always a
+prefix, as in one process) and after every finished attack. A state file written by a sharded run continues
+in a single process, or with another number of ranks, and vice versa: the numbers are the same.
 """
 
 from __future__ import annotations

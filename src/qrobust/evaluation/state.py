@@ -12,8 +12,8 @@ that changes a number (suite, ε, norm, gradients, seed, batch size, …). A sta
 evaluation is refused with an error instead of being mixed in; each attack's own settings are checked again
 when its stored result is reused. The diagnostics, run after the attacks, are recomputed (they are cheap next
 to a suite); adversarial examples are not stored, so ``return_examples=True`` and ``state_path`` exclude each
-other. Under torchrun every rank reads the file and rank 0 writes it, once per finished attack
-(:mod:`qrobust.evaluation.shard`).
+other. Under torchrun every rank reads the file and rank 0 writes it, after every round of one batch per
+rank (:mod:`qrobust.evaluation.shard`).
 """
 
 from __future__ import annotations
