@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from qrobust.errors import ConfigError
 from qrobust.quant import (
@@ -678,3 +679,47 @@ def test_attack_mode_keeps_multibit_estimators_and_passes_sign_activations():
                 act(x).sum().backward()
             grads[mode] = x.grad.tolist()
         assert grads["estimator"] == expect_est and grads["attack"] == expect_att
+
+
+def test_frozen_weights_are_quantized_once_and_refreshed_when_they_change():
+    from qrobust.attacks import PGD
+    from qrobust.quant import quantize as quantize_model
+
+    torch.manual_seed(0)
+    net = quantize_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)), "w4a4")
+    conv = net[0]
+    calls = {"n": 0}
+    inner = conv.weight_quant.forward
+
+    def counting(w):
+        calls["n"] += 1
+        return inner(w)
+
+    conv.weight_quant.forward = counting
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    PGD(net, eps=0.1, steps=5)(x, y)  # the attack freezes the weights: one quantization for all its passes
+    assert calls["n"] == 1
+    fresh = inner(conv.weight).detach()
+    assert torch.equal(conv.quantized_weight(), fresh)
+    # a training step (grad enabled, weights requiring grad) quantizes on every forward, with the gradient
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    net(x).sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    opt.step()  # the weight changed in place: the cache must not serve the old value
+    with torch.no_grad():
+        after = conv.quantized_weight()
+    assert not torch.equal(after, fresh) and torch.equal(after, inner(conv.weight).detach())
+    # load_state_dict writes in place too
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state["0.weight"].mul_(-1)
+    net.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(conv.quantized_weight(), inner(conv.weight).detach())
+    # a value cached under inference_mode is not handed to autograd later
+    with torch.inference_mode():
+        net(x)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    net(xg).sum().backward()
+    assert xg.grad is not None
