@@ -87,4 +87,8 @@ def test_apgd_ce_at_least_as_strong_as_torchattacks(mnist_model, mnist_w4a4, whi
     o, t = sum(ours) / 4, sum(theirs) / 4
     print(f"{which}: qrobust APGD-CE {o:.4f}, torchattacks APGD {t:.4f}")
     assert 0.05 < t < 0.95, "choose an ε where robust accuracy is informative"
-    assert o <= t + 1e-9, (ours, theirs)
+    # seed noise: each seed's robust accuracy moves by 0.5–1 point (1–2 of 200 images) between the two
+    # libraries' random starts, and the numbers move by as much between CPUs (AVX2 vs AVX-512 builds train a
+    # slightly different model: 23.75 vs 23.50 % here, 22.50 = 22.50 % on another machine). Half a point —
+    # one image per seed — is allowed; BPDA-only APGD, the weakness this test was written for, was 1.35 over.
+    assert o <= t + 0.005, (ours, theirs)
