@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from qrobust import checkpoint
+from qrobust.checkpoint import check_fits as check_model_fits
 from qrobust._version import __version__
-from qrobust.analysis.allocation import DEFAULT_CANDIDATES, METHODS, allocate
+from qrobust.analysis.allocation import CLIPS, DEFAULT_CANDIDATES, METHODS, allocate, check_clips
 from qrobust.analysis.amplification import amplification_report
 from qrobust.analysis.lipschitz import format_lipschitz_table, lipschitz_table
 from qrobust.attacks import ATTACKS, make_attack
@@ -142,24 +143,6 @@ def check_out(path: Path, flag: str = "--out") -> Path:
     except OSError as e:
         raise UsageError(f"qrobust: {flag} {path} is not writable ({e.strerror or e}): choose another folder") from e
     return path
-
-
-def check_model_fits(model: Any, info: Any, what: str) -> None:
-    """A checkpoint's input shape and class count must fit the dataset's, else one line before any work."""
-    kw = (getattr(model, "qrobust_arch", None) or {}).get("kwargs", {})
-    shape = tuple(info.input_shape) if getattr(info, "input_shape", None) else None
-    c, size = kw.get("in_channels"), kw.get("input_size")
-    if shape and ((c is not None and c != shape[0]) or (size is not None and size != shape[1])):
-        trained = (getattr(model, "qrobust_meta", {}).get("metadata") or {}).get("dataset")
-        hint = f" (--dataset {trained})" if trained else ""
-        raise InputError(
-            f"{what} takes {c}×{size}×{size} images but {info.name} images are "
-            f"{'×'.join(map(str, shape))}: use it on the dataset it was trained on{hint}"
-        )
-    classes = kw.get("num_classes")
-    if classes is not None and info.num_classes is not None and info.num_classes > classes:
-        raise InputError(f"{what} has {classes} outputs but {info.name} has {info.num_classes} classes: use a "
-                         f"model made for {info.name}")
 
 
 def parse_bits(text: str) -> str:
