@@ -23,15 +23,15 @@ from typing import Any
 import torch
 
 from qrobust import checkpoint
-from qrobust.checkpoint import check_fits as check_model_fits
 from qrobust._version import __version__
-from qrobust.analysis.allocation import CLIPS, DEFAULT_CANDIDATES, METHODS, allocate, check_clips
+from qrobust.analysis.allocation import DEFAULT_CANDIDATES, METHODS, allocate, check_clips
 from qrobust.analysis.amplification import amplification_report
 from qrobust.analysis.lipschitz import format_lipschitz_table, lipschitz_table
 from qrobust.attacks import ATTACKS, make_attack
+from qrobust.checkpoint import check_fits as check_model_fits
 from qrobust.data import available_datasets, load_dataset
 from qrobust.defenses import OverfitGuard, make_objective
-from qrobust.errors import ConfigError, InputError, QrobustError
+from qrobust.errors import ConfigError, QrobustError
 from qrobust.evaluation import evaluate
 from qrobust.models import build_model
 from qrobust.quant import QuantSpec, describe, format_description, is_quantized, quantize, size_totals
@@ -520,10 +520,12 @@ ALLOCATION_FILES = ("allocation.json", "allocation.md")
 
 
 def allocation_table(info: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per weight layer: its weight count, the bits chosen, its size in bits and the method's cost there."""
+    """One row per weight layer: its weight count, the bits and clipping chosen, its size in bits and the method's
+    cost there."""
     by_name = {r["name"]: r for r in rows}
-    return [{"layer": n, "type": by_name[n]["type"], "weights": info["sizes"][n], "bits": b,
-             "size_bits": by_name[n]["size_bits"], "cost": info["costs"][n][b]} for n, b in info["bits"].items()]
+    return [{"layer": n, "type": by_name[n]["type"], "weights": info["sizes"][n], "bits": b, "clip": info["clip"][n],
+             "clip_ratio": info["clip_ratio"][n], "size_bits": by_name[n]["size_bits"],
+             "cost": info["costs"][n][info["setting"][n]]} for n, b in info["bits"].items()]
 
 
 def allocation_markdown(meta: dict[str, Any], table: list[dict[str, Any]], totals: dict[str, Any]) -> str:
@@ -532,10 +534,14 @@ def allocation_markdown(meta: dict[str, Any], table: list[dict[str, Any]], total
              f"({meta['average_bits']:.3g} reached), {meta['calib']} calibration images of {meta['dataset']}"
              + (f", ε = {eps_text(meta['eps'])}" if meta.get("eps") is not None else "")
              + f"; activations {'float' if meta['act_bits'] == 32 else str(meta['act_bits']) + ' bits'}. "
-             f"Model size {totals['size_bits'] / 8192:.2f} KiB, {totals['compression']:.2f}× smaller than float32.", "",
-             "| layer | type | weights | bits | size (bits) | cost |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['type']} | {r['weights']:,} | {r['bits']} | {r['size_bits']:,} | {r['cost']:.4g} |"
-              for r in table]
+             f"Model size {totals['size_bits'] / 8192:.2f} KiB, {totals['compression']:.2f}× smaller than float32."
+             + (f" Clipping rules tried per layer: {', '.join(meta['clips'])} (clip = the fraction of each channel's "
+                "max|w| where the grid ends)." if meta.get("clips", ["max"]) != ["max"] else "")
+             + (f" Then fine-tuned {meta['qat']['epochs']} epoch(s) with {meta['qat']['objective']} (lr "
+                f"{meta['qat']['lr']:g}; run folder `qat/`)." if meta.get("qat") else ""), "",
+             "| layer | type | weights | bits | clip | size (bits) | cost |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['type']} | {r['weights']:,} | {r['bits']} | {r['clip']} ({r['clip_ratio']:.3g}) "
+              f"| {r['size_bits']:,} | {r['cost']:.4g} |" for r in table]
     return "\n".join(lines) + "\n"
 
 
@@ -555,10 +561,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                          f"{args.candidates} (the fewest is {min(candidates)}): raise it or add smaller candidates")
     if args.act_bits != 32 and not 2 <= args.act_bits <= 8:
         raise UsageError(f"qrobust: --act-bits must be 2–8, or 32 for float activations, got {args.act_bits}")
+    clips = check_clips([c for c in args.clips.split(",") if c.strip()])
+    if args.qat_epochs < 0:
+        raise UsageError(f"qrobust: --qat-epochs must be ≥ 0 (0 = post-training only), got {args.qat_epochs}")
     given_eps = None if args.eps is None else parse_eps(args.eps, "Linf", one=True)
-    if given_eps is not None and args.method not in ADVERSARIAL_METHODS:
-        raise UsageError(f"qrobust: --eps is used by --method {' or '.join(ADVERSARIAL_METHODS)} only; drop it for "
-                         f"--method {args.method}")
+    needs_eps = args.method in ADVERSARIAL_METHODS or (args.qat_epochs > 0 and args.qat_objective == "pgd-at")
+    if given_eps is not None and not needs_eps:
+        raise UsageError(f"qrobust: --eps is used by --method {' or '.join(ADVERSARIAL_METHODS)} and by "
+                         f"--qat-objective pgd-at only; drop it for --method {args.method}")
     model = checkpoint.load(args.checkpoint)
     if is_quantized(model) or getattr(model, "qrobust_spec", None):
         raise ConfigError(f"{args.checkpoint} is already quantized: give the float checkpoint it was trained from")
@@ -567,7 +577,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not args.dataset:
         raise UsageError("qrobust: the checkpoint does not name its dataset: pass --dataset")
     eps = None
-    if args.method in ADVERSARIAL_METHODS:
+    if needs_eps:
         eps = given_eps if given_eps is not None else default_eps(args.dataset, "Linf", "--eps")
     train = load_dataset(args.dataset, "train", root=args.data_dir, download=args.download, cache_dir=args.cache_dir)
     check_model_fits(model, train.info, f"checkpoint {args.checkpoint}")
@@ -580,16 +590,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                  "--eps" if given_eps is not None else f"the customary L∞ ε of {args.dataset}; pass --eps to choose")
     model.eval()
     spec, info = allocate(model, x, y, budget=args.budget, method=args.method, act_bits=args.act_bits,
-                          candidates=candidates, eps=eps, seed=args.seed)
+                          candidates=candidates, clips=clips, eps=eps if args.method in ADVERSARIAL_METHODS else None,
+                          seed=args.seed)
     if args.act_bits != 32:
         log.info("activation clips calibrated on the %d calibration images", len(y))
     q = quantize(model, spec, calibrate=x if args.act_bits != 32 else None).eval()
+    qat = None
+    if args.qat_epochs:
+        from qrobust.studies.layerwise import make_qat_objective
+
+        cfg = FitConfig(epochs=args.qat_epochs, lr=args.qat_lr, batch_size=args.batch_size, seed=args.seed)
+        log.info("quantization-aware fine-tune: %d epoch(s) of %s", args.qat_epochs, args.qat_objective)
+        res = fit(q, train, objective=make_qat_objective(args.qat_objective, eps=eps, steps=args.qat_steps),
+                  config=cfg, out=out / "qat", metadata={"dataset": args.dataset, "allocation": args.method})
+        q = res.model.eval()
+        last = res.history[-1] if res.history else {}
+        qat = {"epochs": args.qat_epochs, "objective": args.qat_objective, "lr": args.qat_lr,
+               "steps": args.qat_steps if args.qat_objective == "pgd-at" else None, "eps": eps,
+               "train_accuracy": last.get("train_acc"), "run": str(out / "qat")}
     rows = describe(q)
     table = allocation_table(info, rows)
     totals = size_totals(rows)
     record = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "method": args.method,
               "budget": args.budget, "average_bits": info["average_bits"], "bits": info["bits"], "eps": eps,
-              "calib": len(y), "act_bits": args.act_bits, "candidates": list(candidates), "seed": args.seed}
+              "calib": len(y), "act_bits": args.act_bits, "candidates": list(candidates), "clips": list(clips),
+              "clip": info["clip"], "clip_ratio": info["clip_ratio"], "qat": qat, "seed": args.seed}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "allocation.json", json.dumps(
         {**record, "layers": table, "size_bits": totals["size_bits"], "float_bits": totals["float_bits"],
@@ -599,7 +624,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"{args.method} allocation at a budget of {args.budget:g} average bits: {info['average_bits']:.3g} reached, "
           f"{totals['compression']:.2f}x smaller than float32")
     for r in table:
-        print(f"  {r['layer']:<24} {r['bits']} bits  {r['weights']:>9,} weights  cost {r['cost']:.4g}")
+        clip = "" if r["clip"] == "max" else f" clip {r['clip']} ({r['clip_ratio']:.3g})"
+        print(f"  {r['layer']:<24} {r['bits']} bits{clip}  {r['weights']:>9,} weights  cost {r['cost']:.4g}")
+    if qat:
+        print(f"fine-tuned {qat['epochs']} epoch(s) with {qat['objective']}: run folder {qat['run']}")
     print(f"quantized checkpoint: {final}\nper-layer table: {out / 'allocation.md'}  {out / 'allocation.json'}")
     return 0
 
@@ -841,6 +869,19 @@ def make_parser() -> argparse.ArgumentParser:
     qz.add_argument("--eps", default=None,
                     help=f"lipschitz/quanos: the L∞ ε of the adversarial calibration inputs; {EPS_RULE} (default: "
                     "the dataset's customary ε)")
+    qz.add_argument("--clips", default="max",
+                    help="clipping rules per layer, chosen with the bits (no bit cost): max, mse, pQ (percentile), "
+                    "e.g. max,mse,p99.9 (default: %(default)s, the max-|w| grid)")
+    qz.add_argument("--qat-epochs", type=int, default=0,
+                    help="quantization-aware fine-tune epochs after the allocation (default 0: post-training)")
+    qz.add_argument("--qat-objective", default="pgd-at", choices=("natural", "pgd-at"),
+                    help="the fine-tune's objective: natural (cross-entropy) or pgd-at at --eps (default: %(default)s)")
+    qz.add_argument("--qat-lr", type=_positive_float, default=0.01, help="the fine-tune's learning rate (default: "
+                    "%(default)s)")
+    qz.add_argument("--qat-steps", type=_positive_int, default=7, help="PGD steps of the pgd-at fine-tune (default: "
+                    "%(default)s)")
+    qz.add_argument("--batch-size", type=_positive_int, default=128, help="the fine-tune's batch size (default: "
+                    "%(default)s)")
     qz.add_argument("--act-bits", type=int, default=32,
                     help="activation bits, 2–8 (clips calibrated on the calibration images), 32 = float (default)")
     _add_data_args(qz, default=None)

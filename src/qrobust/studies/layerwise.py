@@ -461,10 +461,10 @@ def _report(res: Mapping[str, Any]) -> str:
                   f"on {s['n_train']} training images: natural (cross-entropy) and PGD-AT ({b['at_steps']} steps, "
                   f"ε = {s['eps']:.4g}).")
     ft = (f"Part 2 also fine-tunes every allocation for {qat['epochs']} epoch(s) ({qat['objective']}, lr "
-          f"{qat['fit']['lr']:g}) and reports both. " if qat.get("epochs") else
-          "Everything below is **post-training** quantization (no fine-tune). ")
+          f"{qat['fit']['lr']:g}) and reports both. Calibration uses " if qat.get("epochs") else
+          "Everything below is **post-training** quantization (no fine-tune); calibration uses ")
     L = [f"# Layer-wise adversarial-aware quantization study — {s['dataset']}, {s['model']}\n",
-         f"{origin} {ft}Calibration uses "
+         f"{origin} {ft}"
          f"{s['n_calib']} training images; evaluation the first {s['n_eval']} test images at L∞ ε = {s['eps']:.4g}. "
          f"Wall time {res['wall_time_s']:.0f} s on {s['threads']} thread(s)"
          f"{' (quick budgets)' if s['quick'] else ''}.\n",
@@ -512,8 +512,8 @@ def _report(res: Mapping[str, Any]) -> str:
     L.append(f"Layer sizes (weights): {', '.join(f'{n} {v:,}' for n, v in s['layers'].items())}.\n")
     L.append("![bits per layer](bits.png)\n")
     L.append("## Consistency of the criteria\n")
-    L.append(f"Every single-layer setting (one layer at b ∈ {s['candidates']} bits, clipping {clips}, the rest "
-             "float): the method's "
+    L.append(f"Every single-layer setting (one layer at b ∈ {s['candidates']} bits"
+             + (f", clipping {clips}" if clips != ["max"] else "") + ", the rest float): the method's "
              f"cost against the measured increase of the adversarial loss (mean cross-entropy under "
              f"PGD-{b['consistency_steps']} on the test images, minus the float parent's; a negative increase means "
              "PGD with straight-through gradients found weaker examples on the quantized network than on the float "
@@ -549,8 +549,8 @@ def _report(res: Mapping[str, Any]) -> str:
     L.append(f"\nWith {n} test samples one accuracy has a standard error of about {100 * math.sqrt(0.25 / n):.1f} "
              "points; paired differences are judged by an exact McNemar test at α = 0.05 (a claim is *reproduced* "
              "when it holds at every point and significantly at one at least)."
-             + ("" if qat.get("epochs") else " Post-training only: run with --qat-epochs N for the fine-tuned "
-                "numbers.") + "\n")
+             + ("" if qat.get("epochs") else " Post-training only: the short quantization-aware fine-tune of "
+                "docs/layerwise.md is not part of this run.") + "\n")
     return "\n".join(L)
 
 
