@@ -127,7 +127,7 @@ def test_fine_tune_and_clips_are_reported_side_by_side(shared_parents_run):
     c2 = res["claims"]["2"]
     assert {(q["parent"], q["baseline"]) for q in c2["qat_points"]} == {("natural", "uniform"), ("pgd-at", "uniform")}
     assert c2["qat_verdict"].startswith(VERDICT_WORDS)
-    for p, cons in res["consistency"].items():
+    for cons in res["consistency"].values():
         assert len(cons["settings"]) == len(layers) * 6 * 2  # every (bits, clip) setting of every layer
         assert {s["clip"] for s in cons["settings"]} == {"max", "mse"}
         agree = cons["clip_agreement"]["lipschitz"]

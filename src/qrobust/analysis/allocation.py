@@ -118,13 +118,13 @@ def clip_ratio(w: torch.Tensor, bits: int, clip: str) -> float:
     if clip == "mse":
         errs = [float((symmetric_weight_quantize(w, bits, per_channel=True, clip=float(r)) - w).pow(2).sum())
                 for r in _MSE_GRID]
-        return float(_MSE_GRID[int(np.argmin(errs))])
+        return round(float(_MSE_GRID[int(np.argmin(errs))]), 4)
     q = float(_PERCENTILE.match(clip).group(1)) / 100  # type: ignore[union-attr]
     peak = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) if w.dim() > 1 else w.abs().amax()
     rel = (w.abs() / peak.clamp_min(torch.finfo(w.dtype).tiny)).flatten()
     if rel.numel() > 1_000_000:  # torch.quantile's input limit; a strided sample keeps the estimate
         rel = rel[:: math.ceil(rel.numel() / 1_000_000)]
-    return min(max(float(torch.quantile(rel, q)), 1e-3), 1.0)
+    return min(max(round(float(torch.quantile(rel, q)), 4), 1e-3), 1.0)
 
 
 def _float_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

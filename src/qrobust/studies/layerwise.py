@@ -21,9 +21,10 @@ per-sample worst case of the standard suite (APGD-CE, APGD-T with ``apgd_iter`` 
 ``square_queries`` queries, :func:`qrobust.evaluation.evaluate`), model size, the bits (and clips) per layer —
 post-training, and with ``qat_epochs`` > 0 also after a short quantization-aware fine-tune of that allocation
 (:func:`qrobust.fit` with the registered objective ``qat_objective``: ``"natural"`` = cross-entropy,
-``"pgd-at"`` = PGD-AT at ε), side by side. Claim 2 — *Lipschitz beats uniform, HAWQ and random at equal budget
-on robust accuracy* — paired per (parent, budget, baseline) by the exact McNemar test on the worst-case masks,
-post-training (the verdict) and after the fine-tune (``qat_points``, ``qat_verdict``).
+``"pgd-at"`` = PGD-AT at ε; ``qat_batches`` caps the batches per epoch on large datasets), side by side.
+Claim 2 — *Lipschitz beats uniform, HAWQ and random at equal budget on robust accuracy* — paired per (parent,
+budget, baseline) by the exact McNemar test on the worst-case masks, post-training (the verdict) and after the
+fine-tune (``qat_points``, ``qat_verdict``).
 
 **Consistency (claim 3).** Every single-layer setting (one layer at ``b`` bits with clipping rule ``c``, the
 rest float): its criterion cost ``c_l(b, c)`` against its measured adversarial loss increase (mean cross-entropy
@@ -198,6 +199,7 @@ class Layerwise(Study):
         Option("--qat-objective", "str", "the fine-tune's objective (default: %(default)s)", default="pgd-at",
                choices=tuple(QAT_OBJECTIVES)),
         Option("--qat-lr", "float", "the fine-tune's learning rate (default per dataset)"),
+        Option("--qat-batches", "int", "batches per fine-tune epoch (default: the whole training set)"),
         Option("--natural", "str", "the natural float parent from this checkpoint (not trained here)"),
         Option("--adversarial", "str", "the PGD-AT float parent from this checkpoint (not trained here)"),
     )
@@ -223,6 +225,7 @@ class Layerwise(Study):
         qat_epochs: int = 0,
         qat_objective: str = "pgd-at",
         qat_lr: float | None = None,
+        qat_batches: int | None = None,
         natural: str | Path | None = None,
         adversarial: str | Path | None = None,
     ) -> dict[str, Any]:
@@ -263,7 +266,8 @@ class Layerwise(Study):
         info = test.info
         model_name = model or d["model"]
         cfg = FitConfig(epochs=epochs or d["epochs"], batch_size=d["batch_size"], lr=d["lr"], seed=seed, bf16=bf16)
-        qat_cfg = dataclasses.replace(cfg, epochs=max(qat_epochs, 1), lr=qat_lr or d["qat_lr"])
+        qat_cfg = dataclasses.replace(cfg, epochs=max(qat_epochs, 1), lr=qat_lr or d["qat_lr"],
+                                      max_batches=qat_batches).validate()
 
         def build() -> nn.Module:
             torch.manual_seed(seed)
@@ -460,8 +464,10 @@ def _report(res: Mapping[str, Any]) -> str:
         origin = (f"Two parents of the same architecture from the same initialisation, {s['fit']['epochs']} epochs "
                   f"on {s['n_train']} training images: natural (cross-entropy) and PGD-AT ({b['at_steps']} steps, "
                   f"ε = {s['eps']:.4g}).")
-    ft = (f"Part 2 also fine-tunes every allocation for {qat['epochs']} epoch(s) ({qat['objective']}, lr "
-          f"{qat['fit']['lr']:g}) and reports both. Calibration uses " if qat.get("epochs") else
+    cap = (qat.get("fit") or {}).get("max_batches")
+    ft = (f"Part 2 also fine-tunes every allocation for {qat['epochs']} epoch(s)"
+          + (f" of {cap} batches" if cap else "") + f" ({qat['objective']}, lr {qat['fit']['lr']:g}, batch "
+          f"{qat['fit']['batch_size']}) and reports both. Calibration uses " if qat.get("epochs") else
           "Everything below is **post-training** quantization (no fine-tune); calibration uses ")
     L = [f"# Layer-wise adversarial-aware quantization study — {s['dataset']}, {s['model']}\n",
          f"{origin} {ft}"
@@ -602,12 +608,14 @@ def _plot_bits(res: Mapping[str, Any]) -> Any:
             w = 0.8 / max(len(rs), 1)
             for k, r in enumerate(rs):
                 ax.bar([li + k * w - 0.4 + w / 2 for li in range(len(layers))], [r["bits"][n] for n in layers],
-                       width=w, color=f"C{k}", label=f"{r['method']} ({pct(r['worst'])} %)")
+                       width=w, color=f"C{k}", label=f"{r['method']} ({pct(r['worst'])} %"
+                       + (f" → QAT {pct(r['qat']['worst'])} %)" if "qat" in r else ")"))
             ax.set_xticks(range(len(layers)), [f"{n}\n{s['layers'][n]:,}" for n in layers], fontsize=7)
             ax.set_yticks([2, 3, 4, 5, 6, 8])
             ax.set_title(f"{PARENT_NAMES[p]} parent, budget {budget:g} bits", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
-            ax.legend(fontsize=6, title="method (worst-case robust)", title_fontsize=6, loc="upper left",
+            ax.legend(fontsize=6, title="method (worst-case robust" + (", post-training → fine-tuned)" if any(
+                "qat" in r for r in rs) else ")"), title_fontsize=6, loc="upper left",
                       ncol=2)
             ax.set_ylim(0, 11.5)
             if j == 0:
@@ -618,23 +626,29 @@ def _plot_bits(res: Mapping[str, Any]) -> Any:
 
 def _plot_consistency(res: Mapping[str, Any]) -> Any:
     cons = res["consistency"]
+    clips = res["settings"].get("clips") or ["max"]
+    markers = dict(zip(clips, "o^sDvP"))
     fig = new_figure((4.5 * len(cons), 3.8))
     axes = fig.subplots(1, len(cons), squeeze=False)
     for ax, (p, c) in zip(axes[0], cons.items()):
         layers = list(dict.fromkeys(s["layer"] for s in c["settings"]))
         for k, layer in enumerate(layers):
-            pts = [s for s in c["settings"] if s["layer"] == layer and "lipschitz" in s["cost"]]
-            ax.scatter([max(s["cost"]["lipschitz"], 1e-12) for s in pts], [s["loss_increase"] for s in pts],
-                       color=f"C{k}", label=layer, s=22)
-            for s in pts:
-                label = str(s["bits"]) if s.get("clip", "max") == "max" else f"{s['bits']}·{s['clip']}"
-                ax.annotate(label, (max(s["cost"]["lipschitz"], 1e-12), s["loss_increase"]), fontsize=6,
-                            xytext=(3, 2), textcoords="offset points")
+            for clip in clips:
+                pts = [s for s in c["settings"] if s["layer"] == layer and s.get("clip", "max") == clip
+                       and "lipschitz" in s["cost"]]
+                label = layer if len(clips) == 1 else f"{layer}, {clip}"
+                ax.scatter([max(s["cost"]["lipschitz"], 1e-12) for s in pts], [s["loss_increase"] for s in pts],
+                           color=f"C{k}", marker=markers[clip], label=label, s=22)
+                for s in pts:
+                    ax.annotate(str(s["bits"]), (max(s["cost"]["lipschitz"], 1e-12), s["loss_increase"]),
+                                fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("Lipschitz criterion c_l(b) (log)")
         ax.set_ylabel("adversarial loss increase")
         ax.set_title(f"{PARENT_NAMES[p]} parent: {_rho(c['spearman'].get('lipschitz'))}", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="layer (labels: bits·clip)", title_fontsize=7)
+        ax.legend(fontsize=6 if len(clips) > 1 else 7, ncol=1 if len(clips) == 1 else 2,
+                  title="layer (labels: bits)" if len(clips) == 1 else "layer, clip (labels: bits)",
+                  title_fontsize=7)
     fig.tight_layout()
     return fig
