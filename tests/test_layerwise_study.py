@@ -81,13 +81,14 @@ def test_bad_settings_are_one_line_errors(capsys, tmp_path, extra, needle):
     assert len(err.strip().splitlines()) == 1 and needle in err
 
 
-def test_committed_digits_report_re_renders():
-    path = RESULTS / "layerwise_digits.json"
+@pytest.mark.parametrize("name", ["layerwise_digits", "layerwise_digits_qat"])
+def test_committed_digits_report_re_renders(name):
+    path = RESULTS / f"{name}.json"
     if not path.exists():
-        pytest.skip("bench/results/layerwise_digits.json not committed yet")
+        pytest.skip(f"bench/results/{name}.json not committed yet")
     results = load_results(path)
     assert study_of(results).name == "layerwise"
-    assert render_results(results) == (RESULTS / "layerwise_digits" / "report.md").read_text()
+    assert render_results(results) == (RESULTS / name / "report.md").read_text()
 
 
 # ------------------------------------------------------------------ parents from checkpoints, clipping, the fine-tune
