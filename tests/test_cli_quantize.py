@@ -141,3 +141,7 @@ def test_clips_and_a_pgd_at_fine_tune_are_saved_loaded_and_change_the_weights(ca
         assert not torch.equal(layer.weight, fmods[r["layer"]].weight)  # fine-tuned, not only quantized
     assert (out / "qat" / "final.safetensors").exists() and "fine-tuned 1 epoch(s) with pgd-at" in stdout
     assert "| clip |" in (out / "allocation.md").read_text()
+    code, shown, _ = _run(capsys, "describe", out)
+    clipped = next(r for r in table["layers"] if r["clip"] != "max")
+    assert code == 0 and f"{clipped['layer']} {clipped['bits']} (clip {clipped['clip']}" in shown
+    assert "fine-tuned 1 epoch(s) with pgd-at" in shown

@@ -325,7 +325,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
     if isinstance(alloc, dict) and "bits" in alloc:
         print(f"  allocation: {alloc.get('method')} at a budget of {alloc.get('budget'):g} average bits per weight "
               f"({alloc.get('average_bits', float('nan')):.3g} reached): "
-              + ", ".join(f"{k} {v}" for k, v in alloc["bits"].items()))
+              + ", ".join(f"{k} {v}" + ("" if (alloc.get("clip") or {}).get(k, "max") == "max" else
+                                       f" (clip {alloc['clip'][k]} {alloc['clip_ratio'][k]:.3g})")
+                          for k, v in alloc["bits"].items())
+              + (f"; fine-tuned {alloc['qat']['epochs']} epoch(s) with {alloc['qat']['objective']}"
+                 if alloc.get("qat") else ""))
     hist = user.get("history") or []
     if hist and "test_acc" in hist[-1]:
         print(f"  test accuracy: {hist[-1]['test_acc']:.4f} (epoch {hist[-1]['epoch']})")
