@@ -97,6 +97,7 @@ def shared_parents_run(quick_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("layerwise-shared") / "study"
     assert main(["study", "layerwise", "--quick", "--budgets", "3", "--bits", "2", "--methods", "lipschitz,uniform",
                  "--clips", "max,mse", "--qat-epochs", "1", "--qat-objective", "natural",
+                 "--budget", '{"consistency_images": 32}',
                  "--natural", str(quick_run / "runs" / "float-natural"),
                  "--adversarial", str(quick_run / "runs" / "float-pgd-at"), "--out", str(out)]) == 0
     return out
@@ -135,6 +136,7 @@ def test_fine_tune_and_clips_are_reported_side_by_side(shared_parents_run):
         assert agree["n"] == len(layers) * 6 and 0 <= agree["agree"] <= agree["n"] and agree["chance"] == 0.5
     report = (shared_parents_run / "report.md").read_text()
     assert "QAT worst case" in report and "After the fine-tune" in report and "Clip agreement" in report
+    assert "PGD-3 on the first 32 test images" in report
     assert render_results(shared_parents_run) == report
 
 

@@ -28,8 +28,8 @@ fine-tune (``qat_points``, ``qat_verdict``).
 
 **Consistency (claim 3).** Every single-layer setting (one layer at ``b`` bits with clipping rule ``c``, the
 rest float): its criterion cost ``c_l(b, c)`` against its measured adversarial loss increase (mean cross-entropy
-under PGD-``consistency_steps`` on the test images, minus the float parent's); Spearman's ρ
-(``scipy.stats.spearmanr``) per parent and method. With several clipping rules also the *clip agreement*: the
+under PGD-``consistency_steps`` on the first ``consistency_images`` test images (all by default), minus the
+float parent's); Spearman's ρ (``scipy.stats.spearmanr``) per parent and method. With several clipping rules also the *clip agreement*: the
 fraction of (layer, bits) pairs where the criterion's cheapest clip is the one with the least measured loss.
 
 Outputs in ``out``: ``report.md``, ``results.json``, ``part1.png``, ``bits.png``, ``consistency.png``, and the
@@ -110,6 +110,7 @@ class _Budget:
     square_queries: int = 300
     calib_steps: int = 10
     consistency_steps: int = 10
+    consistency_images: int | None = None  # the first N evaluation images (None: all); a ResNet has 240 settings
     hutchinson_samples: int = 8
 
 
@@ -376,7 +377,8 @@ class Layerwise(Study):
         # ---------------------------------------------------------------- consistency
         consistency: dict[str, Any] = {}
         for p, net in parents.items():
-            base_loss = _adv_loss(net, x, y, eps_v, b.consistency_steps, seed)
+            xc, yc = x[:b.consistency_images], y[:b.consistency_images]
+            base_loss = _adv_loss(net, xc, yc, eps_v, b.consistency_steps, seed)
             settings = []
             for layer in sizes:
                 for key in sizes[layer]:
@@ -385,7 +387,8 @@ class Layerwise(Study):
                     ov = {"weight_bits": bb, **({"weight_clip": r} if r != 1.0 else {})}
                     q = quantize(net, QuantSpec(weight_bits=32, act_bits=32, overrides={layer: ov})).eval()
                     settings.append({"layer": layer, "bits": bb, "clip": clip, "clip_ratio": r, "key": key,
-                                     "loss_increase": _adv_loss(q, x, y, eps_v, b.consistency_steps, seed) - base_loss})
+                                     "loss_increase": _adv_loss(q, xc, yc, eps_v, b.consistency_steps, seed)
+                                     - base_loss})
             measured = [s["loss_increase"] for s in settings]
             for s in settings:
                 s["cost"] = {m: costs[p, m][s["layer"]][s["key"]] for m in methods_l if (p, m) in costs}
@@ -521,7 +524,9 @@ def _report(res: Mapping[str, Any]) -> str:
     L.append(f"Every single-layer setting (one layer at b ∈ {s['candidates']} bits"
              + (f", clipping {clips}" if clips != ["max"] else "") + ", the rest float): the method's "
              f"cost against the measured increase of the adversarial loss (mean cross-entropy under "
-             f"PGD-{b['consistency_steps']} on the test images, minus the float parent's; a negative increase means "
+             f"PGD-{b['consistency_steps']} on the "
+             + (f"first {b['consistency_images']} " if b.get("consistency_images") else "")
+             + "test images, minus the float parent's; a negative increase means "
              "PGD with straight-through gradients found weaker examples on the quantized network than on the float "
              "one). Spearman's ρ over all settings (uniform and random have no criterion of their own):\n")
     ms = sorted({m for c in res["consistency"].values() for m in c["spearman"]}, key=list(METHODS).index)
