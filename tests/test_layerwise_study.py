@@ -74,6 +74,10 @@ def test_render_is_byte_identical(quick_run, tmp_path, capsys):
     (["--budgets", "1"], "budgets must lie"),
     (["--methods", "magic"], "unknown allocation methods"),
     (["--n-calib", "100000"], "exceeds"),
+    (["--candidates", "1,4"], "candidates must be"),
+    (["--clips", "max,p40"], "unknown clipping rule"),
+    (["--qat-epochs", "-1"], "qat_epochs must be"),
+    (["--budget", '{"consistency_image": 3}'], "unknown budget fields"),
 ])
 def test_bad_settings_are_one_line_errors(capsys, tmp_path, extra, needle):
     assert main(["study", "layerwise", "--quick", *extra, "--out", str(tmp_path / "bad")]) == 2

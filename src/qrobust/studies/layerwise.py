@@ -29,8 +29,9 @@ fine-tune (``qat_points``, ``qat_verdict``).
 **Consistency (claim 3).** Every single-layer setting (one layer at ``b`` bits with clipping rule ``c``, the
 rest float): its criterion cost ``c_l(b, c)`` against its measured adversarial loss increase (mean cross-entropy
 under PGD-``consistency_steps`` on the first ``consistency_images`` test images (all by default), minus the
-float parent's); Spearman's ρ (``scipy.stats.spearmanr``) per parent and method. With several clipping rules also the *clip agreement*: the
-fraction of (layer, bits) pairs where the criterion's cheapest clip is the one with the least measured loss.
+float parent's); Spearman's ρ (``scipy.stats.spearmanr``) per parent and method. With several clipping rules
+also the *clip agreement*: the fraction of (layer, bits) pairs where the criterion's cheapest clip is the one
+with the least measured loss.
 
 Outputs in ``out``: ``report.md``, ``results.json``, ``part1.png``, ``bits.png``, ``consistency.png``, and the
 two parents' run folders under ``runs/``.
@@ -193,6 +194,7 @@ class Layerwise(Study):
         Option("--methods", "str_list", "part 2 allocation methods (default: all)"),
         Option("--eps", "eps255", "L∞ ε on the 0–255 scale (default per dataset; digits 0.1)"),
         Option("--n-calib", "int", "calibration images from the training split (default per dataset)"),
+        Option("--candidates", "int_list", "part 2 candidate weight bit-widths per layer (default 2,3,4,5,6,8)"),
         Option("--clips", "str_list", "part 2 clipping rules per layer: max, mse, pQ (e.g. max,mse,p99.9; "
                                       "default max)"),
         Option("--qat-epochs", "int", "epochs of the quantization-aware fine-tune after each allocation "
@@ -243,6 +245,9 @@ class Layerwise(Study):
         bits_l = [int(v) for v in bits]
         if not bits_l or any(not 2 <= v <= 8 for v in bits_l) or len(set(bits_l)) != len(bits_l):
             raise ConfigError(f"bits must be distinct bit-widths from 2 to 8, got {list(bits)}")
+        candidates = sorted({int(v) for v in candidates})
+        if not candidates or any(not 2 <= v <= 8 for v in candidates):
+            raise ConfigError(f"candidates must be weight bit-widths from 2 to 8, got {candidates}")
         budgets_l = [float(v) for v in budgets]
         if not budgets_l or any(not min(candidates) <= v <= 8 for v in budgets_l):
             raise ConfigError(f"budgets must lie between {min(candidates)} and 8 average bits, got {list(budgets)}")
