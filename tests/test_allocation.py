@@ -141,3 +141,7 @@ def test_allocation_with_clips_writes_weight_clip_overrides_that_quantize_applie
     _, uinfo = allocate(m, x, y, budget=3.0, method="uniform", candidates=(2, 3, 4, 8), clips=("max", "mse"))
     for n in uinfo["bits"]:
         assert uinfo["setting"][n] == min(("3/max", "3/mse"), key=uinfo["costs"][n].get)
+    _, rinfo = allocate(m, x, y, budget=3.0, method="random", candidates=(2, 3, 4, 8), clips=("max", "mse"))
+    for n, b in rinfo["bits"].items():
+        assert rinfo["setting"][n] == min((f"{b}/max", f"{b}/mse"), key=rinfo["costs"][n].get)
+    assert 2.5 < rinfo["average_bits"] <= 3.0 + 1e-9
