@@ -82,6 +82,9 @@ def test_activation_bits_are_quantized_and_calibrated(capsys, tmp_path, float_ck
     (["--budget", "3", "--eps", "0.1"], "ambiguous"),
     (["--budget", "3", "--candidates", "1,4"], "from 2 to 8"),
     (["--budget", "3", "--act-bits", "12"], "--act-bits"),
+    (["--budget", "3", "--clips", "max,p40"], "unknown clipping rule"),
+    (["--budget", "3", "--qat-epochs", "-1"], "--qat-epochs"),
+    (["--budget", "3", "--qat-epochs", "1", "--qat-objective", "magic"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, float_ckpt, extra, needle):
     out = tmp_path / "bad"
@@ -115,3 +118,30 @@ def test_random_allocation_spends_the_budget(capsys, tmp_path, float_ckpt):
         assert _run(capsys, "quantize", float_ckpt, "--budget", budget, "--method", "random", "--out", out)[0] == 0
         avg = json.loads((out / "allocation.json").read_text())["average_bits"]
         assert float(budget) - 0.5 < avg <= float(budget) + 1e-9
+
+
+def test_clips_and_a_pgd_at_fine_tune_are_saved_loaded_and_change_the_weights(capsys, tmp_path, float_ckpt):
+    out = tmp_path / "qat"
+    code, stdout, err = _run(capsys, "quantize", float_ckpt, "--budget", "3", "--method", "hawq", "--calib", 64,
+                             "--candidates", "2,3,4,8", "--clips", "max,mse,p99", "--qat-epochs", 1,
+                             "--qat-objective", "pgd-at", "--qat-steps", 2, "--out", out)
+    assert code == 0, err
+    table = json.loads((out / "allocation.json").read_text())
+    assert table["clips"] == ["max", "mse", "p99"] and set(table["clip"].values()) <= {"max", "mse", "p99"}
+    assert table["qat"]["epochs"] == 1 and table["qat"]["objective"] == "pgd-at"
+    assert table["qat"]["eps"] == pytest.approx(0.1)  # the PGD-AT fine-tune runs at the digits ε
+    assert any(r["clip"] != "max" for r in table["layers"])  # hawq clips somewhere at 3 bits
+    q = checkpoint.load(out)
+    mods = dict(q.named_modules())
+    float_model = checkpoint.load(float_ckpt)
+    fmods = dict(float_model.named_modules())
+    for r in table["layers"]:
+        layer = mods[r["layer"]]
+        assert layer.weight_bits == r["bits"] and layer.weight_quant.clip == pytest.approx(r["clip_ratio"])
+        assert not torch.equal(layer.weight, fmods[r["layer"]].weight)  # fine-tuned, not only quantized
+    assert (out / "qat" / "final.safetensors").exists() and "fine-tuned 1 epoch(s) with pgd-at" in stdout
+    assert "| clip |" in (out / "allocation.md").read_text()
+    code, shown, _ = _run(capsys, "describe", out)
+    clipped = next(r for r in table["layers"] if r["clip"] != "max")
+    assert code == 0 and f"{clipped['layer']} {clipped['bits']} (clip {clipped['clip']}" in shown
+    assert "fine-tuned 1 epoch(s) with pgd-at" in shown

@@ -74,6 +74,10 @@ def test_render_is_byte_identical(quick_run, tmp_path, capsys):
     (["--budgets", "1"], "budgets must lie"),
     (["--methods", "magic"], "unknown allocation methods"),
     (["--n-calib", "100000"], "exceeds"),
+    (["--candidates", "1,4"], "candidates must be"),
+    (["--clips", "max,p40"], "unknown clipping rule"),
+    (["--qat-epochs", "-1"], "qat_epochs must be"),
+    (["--budget", '{"consistency_image": 3}'], "unknown budget fields"),
 ])
 def test_bad_settings_are_one_line_errors(capsys, tmp_path, extra, needle):
     assert main(["study", "layerwise", "--quick", *extra, "--out", str(tmp_path / "bad")]) == 2
@@ -81,10 +85,81 @@ def test_bad_settings_are_one_line_errors(capsys, tmp_path, extra, needle):
     assert len(err.strip().splitlines()) == 1 and needle in err
 
 
-def test_committed_digits_report_re_renders():
-    path = RESULTS / "layerwise_digits.json"
+@pytest.mark.parametrize("name", ["layerwise_digits", "layerwise_digits_qat"])
+def test_committed_digits_report_re_renders(name):
+    path = RESULTS / f"{name}.json"
     if not path.exists():
-        pytest.skip("bench/results/layerwise_digits.json not committed yet")
+        pytest.skip(f"bench/results/{name}.json not committed yet")
     results = load_results(path)
     assert study_of(results).name == "layerwise"
-    assert render_results(results) == (RESULTS / "layerwise_digits" / "report.md").read_text()
+    assert render_results(results) == (RESULTS / name / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ parents from checkpoints, clipping, the fine-tune
+@pytest.fixture(scope="module")
+def shared_parents_run(quick_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("layerwise-shared") / "study"
+    assert main(["study", "layerwise", "--quick", "--budgets", "3", "--bits", "2", "--methods", "lipschitz,uniform",
+                 "--clips", "max,mse", "--qat-epochs", "1", "--qat-objective", "natural",
+                 "--budget", '{"consistency_images": 32}',
+                 "--natural", str(quick_run / "runs" / "float-natural"),
+                 "--adversarial", str(quick_run / "runs" / "float-pgd-at"), "--out", str(out)]) == 0
+    return out
+
+
+def test_parents_from_checkpoints_are_the_same_models_and_nothing_is_retrained(quick_run, shared_parents_run):
+    first = json.loads((quick_run / "results.json").read_text())
+    res = json.loads((shared_parents_run / "results.json").read_text())
+    for p in ("natural", "pgd-at"):
+        assert res["settings"]["parents"][p]["checkpoint"].endswith(f"float-{p}")
+        assert res["settings"]["parents"][p]["objective"]["name"] == ("ce" if p == "natural" else "pgd-at")
+        for key in ("float_clean", "float_robust"):  # the very same parents: the same float numbers
+            assert res["part1"][p][key] == first["part1"][p][key]
+        assert not (shared_parents_run / "runs" / f"float-{p}").exists()
+    assert "Parents from checkpoints" in (shared_parents_run / "report.md").read_text()
+
+
+def test_fine_tune_and_clips_are_reported_side_by_side(shared_parents_run):
+    res = json.loads((shared_parents_run / "results.json").read_text())
+    assert res["settings"]["clips"] == ["max", "mse"] and res["settings"]["qat"]["epochs"] == 1
+    layers = res["settings"]["layers"]
+    for r in res["part2"]:
+        assert set(r["clip"]) == set(layers) and set(r["clip"].values()) <= {"max", "mse"}
+        assert 0 <= r["qat"]["worst"] <= r["qat"]["clean"]
+        assert (shared_parents_run / "runs" / f"qat-{r['parent']}-3-{r['method']}" / "final.safetensors").exists()
+    # uniform at 3 bits: every layer 3 bits, each with its least-error clip; the fine-tune moved the numbers
+    assert all(b == 3 for r in res["part2"] if r["method"] == "uniform" for b in r["bits"].values())
+    assert any(r["qat"]["clean"] != r["clean"] for r in res["part2"])
+    c2 = res["claims"]["2"]
+    assert {(q["parent"], q["baseline"]) for q in c2["qat_points"]} == {("natural", "uniform"), ("pgd-at", "uniform")}
+    assert c2["qat_verdict"].startswith(VERDICT_WORDS)
+    for cons in res["consistency"].values():
+        assert len(cons["settings"]) == len(layers) * 6 * 2  # every (bits, clip) setting of every layer
+        assert {s["clip"] for s in cons["settings"]} == {"max", "mse"}
+        agree = cons["clip_agreement"]["lipschitz"]
+        assert agree["n"] == len(layers) * 6 and 0 <= agree["agree"] <= agree["n"] and agree["chance"] == 0.5
+    report = (shared_parents_run / "report.md").read_text()
+    assert "QAT worst case" in report and "After the fine-tune" in report and "Clip agreement" in report
+    assert "PGD-3 on the first 32 test images" in report
+    assert render_results(shared_parents_run) == report
+
+
+def test_a_parent_checkpoint_that_does_not_fit_is_a_one_line_error(capsys, quick_run, tmp_path):
+    from qrobust import checkpoint
+    from qrobust.quant import quantize
+
+    nat = quick_run / "runs" / "float-natural"
+    other = tmp_path / "mnist.safetensors"
+    checkpoint.save(checkpoint.load(nat), other, dataset="mnist")
+    quantized = tmp_path / "w4.safetensors"
+    checkpoint.save(quantize(checkpoint.load(nat), "w4a32"), quantized, dataset="digits")
+    for extra, needle in ((["--natural", str(other)], "was trained on mnist, not digits"),
+                          (["--adversarial", str(quantized)], "is a quantized checkpoint"),
+                          (["--natural", str(nat), "--model", "small_cnn"], "not the --model small_cnn"),
+                          (["--natural", str(tmp_path / "missing")], "does not exist")):
+        assert main(["study", "layerwise", "--quick", *extra, "--out", str(tmp_path / "bad")]) in (1, 2)
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err, err
+    assert main(["study", "threats", "--quick", "--parent", str(other), "--out", str(tmp_path / "bad2")]) in (1, 2)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--parent" in err and "mnist" in err, err

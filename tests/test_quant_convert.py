@@ -622,3 +622,35 @@ def test_relu_ranges_are_said_and_calibration_sets_them(caplog):
     assert q2.act.act_range() == (0.0, 2.0)
     with pytest.raises(ConfigError, match="calibrate= holds no"):
         quantize(net, "w4a4", calibrate=torch.zeros(0, 1, 8, 8))
+
+
+def test_weight_clip_override_clips_the_grid_round_trips_and_refuses_other_schemes(tmp_path):
+    from qrobust import checkpoint
+    from qrobust.quant.functional import symmetric_weight_quantize
+
+    def skeleton() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+    torch.manual_seed(0)
+    net = skeleton()
+    spec = QuantSpec(weight_bits=4, overrides={"0": {"weight_bits": 3, "weight_clip": 0.5}})
+    assert QuantSpec.from_dict(spec.to_dict()) == spec and spec.weight_config("3")["clip"] == 1.0
+    q = quantize(net, spec)
+    w = net[0].weight.detach()
+    got = q[0].quantized_weight().detach()
+    assert torch.equal(got, symmetric_weight_quantize(w, 3, per_channel=True, clip=0.5))
+    peak = w.abs().amax(dim=(1, 2, 3))
+    assert torch.allclose(got.abs().amax(dim=(1, 2, 3)), 0.5 * peak)  # saturates at half of each channel's max
+    assert got.unique().numel() > 2 and "weight_clip=0.5" in repr(q[0])
+    assert torch.equal(q[3].quantized_weight(), symmetric_weight_quantize(net[3].weight, 4, per_channel=True))
+    # the clip travels in the checkpoint's spec and comes back on load
+    path = tmp_path / "c.safetensors"
+    checkpoint.save(q, path)
+    back = checkpoint.load(path, model=skeleton())
+    x = torch.rand(2, 1, 8, 8)
+    assert back[0].weight_quant.clip == 0.5 and torch.allclose(back(x), q.eval()(x))
+    for bad, needle in (({"weight_bits": 3, "weight_clip": 1.5}, r"in \(0, 1\]"),
+                        ({"weight_bits": 3, "weight_clip": 0.5, "weight_scheme": "lsq"}, "needs a 2–8-bit"),
+                        ({"weight_bits": 1, "weight_clip": 0.5}, "needs a 2–8-bit")):
+        with pytest.raises(ConfigError, match=needle):
+            QuantSpec(weight_bits=4, overrides={"0": bad})

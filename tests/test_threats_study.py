@@ -89,3 +89,15 @@ def test_one_quantized_bit_width_says_what_is_not_measured(tmp_path, caplog):
     assert sum("not measured" in r.getMessage() for r in caplog.records) == 2
     report = (tmp_path / "one" / "report.md").read_text()
     assert "Not measured (needs two quantized bit-widths)" in report and "not measured (one quantized" in report
+
+
+def test_the_float_parent_from_a_checkpoint_is_used_as_is(quick_run, tmp_path):
+    first = json.loads((quick_run / "results.json").read_text())
+    res = run_threats_study(quick=True, bits=(32, 4), n_eval=40, parent=str(quick_run / "runs" / "float"),
+                            out=tmp_path / "shared")
+    assert res["settings"]["parent"]["checkpoint"].endswith("float")
+    assert res["settings"]["parent"]["objective"]["name"] == "ce"
+    assert not (tmp_path / "shared" / "runs" / "float").exists()  # not retrained
+    same = {k: v for k, v in res["masking"]["float"].items() if k != "time_s"}
+    assert same == {k: v for k, v in first["masking"]["float"].items() if k != "time_s"}  # the same parent
+    assert "from the checkpoint" in (tmp_path / "shared" / "report.md").read_text()

@@ -43,7 +43,7 @@ from torch import nn
 
 from qrobust import zoo
 from qrobust._version import __version__
-from qrobust.errors import CheckpointError, ConfigError
+from qrobust.errors import CheckpointError, ConfigError, InputError
 from qrobust.models import build_from_arch
 from qrobust.quant import QuantSpec, is_quantized, quantize_as_saved
 from qrobust.utils import atomic_write
@@ -360,3 +360,21 @@ def load(
     load_state_into(net, weights, source=source)
     net.qrobust_meta = meta
     return net.to(map_location).eval()
+
+
+def check_fits(model: Any, info: Any, what: str) -> None:
+    """A checkpoint's input shape and class count must fit the dataset's, else one line before any work."""
+    kw = (getattr(model, "qrobust_arch", None) or {}).get("kwargs", {})
+    shape = tuple(info.input_shape) if getattr(info, "input_shape", None) else None
+    c, size = kw.get("in_channels"), kw.get("input_size")
+    if shape and ((c is not None and c != shape[0]) or (size is not None and size != shape[1])):
+        trained = (getattr(model, "qrobust_meta", {}).get("metadata") or {}).get("dataset")
+        hint = f" (--dataset {trained})" if trained else ""
+        raise InputError(
+            f"{what} takes {c}×{size}×{size} images but {info.name} images are "
+            f"{'×'.join(map(str, shape))}: use it on the dataset it was trained on{hint}"
+        )
+    classes = kw.get("num_classes")
+    if classes is not None and info.num_classes is not None and info.num_classes > classes:
+        raise InputError(f"{what} has {classes} outputs but {info.name} has {info.num_classes} classes: use a "
+                         f"model made for {info.name}")

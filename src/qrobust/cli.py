@@ -25,13 +25,14 @@ import torch.distributed as dist
 
 from qrobust import checkpoint, zoo
 from qrobust._version import __version__
-from qrobust.analysis.allocation import DEFAULT_CANDIDATES, METHODS, allocate
+from qrobust.analysis.allocation import DEFAULT_CANDIDATES, METHODS, allocate, check_clips
 from qrobust.analysis.amplification import amplification_report
 from qrobust.analysis.lipschitz import format_lipschitz_table, lipschitz_table
 from qrobust.attacks import ATTACKS, make_attack
+from qrobust.checkpoint import check_fits as check_model_fits
 from qrobust.data import available_datasets, load_dataset
 from qrobust.defenses import OverfitGuard, make_objective
-from qrobust.errors import ConfigError, InputError, QrobustError
+from qrobust.errors import ConfigError, QrobustError
 from qrobust.evaluation import evaluate
 from qrobust.models import build_model
 from qrobust.quant import QuantSpec, describe, format_description, is_quantized, quantize, size_totals
@@ -143,24 +144,6 @@ def check_out(path: Path, flag: str = "--out") -> Path:
     except OSError as e:
         raise UsageError(f"qrobust: {flag} {path} is not writable ({e.strerror or e}): choose another folder") from e
     return path
-
-
-def check_model_fits(model: Any, info: Any, what: str) -> None:
-    """A checkpoint's input shape and class count must fit the dataset's, else one line before any work."""
-    kw = (getattr(model, "qrobust_arch", None) or {}).get("kwargs", {})
-    shape = tuple(info.input_shape) if getattr(info, "input_shape", None) else None
-    c, size = kw.get("in_channels"), kw.get("input_size")
-    if shape and ((c is not None and c != shape[0]) or (size is not None and size != shape[1])):
-        trained = (getattr(model, "qrobust_meta", {}).get("metadata") or {}).get("dataset")
-        hint = f" (--dataset {trained})" if trained else ""
-        raise InputError(
-            f"{what} takes {c}×{size}×{size} images but {info.name} images are "
-            f"{'×'.join(map(str, shape))}: use it on the dataset it was trained on{hint}"
-        )
-    classes = kw.get("num_classes")
-    if classes is not None and info.num_classes is not None and info.num_classes > classes:
-        raise InputError(f"{what} has {classes} outputs but {info.name} has {info.num_classes} classes: use a "
-                         f"model made for {info.name}")
 
 
 def parse_bits(text: str) -> str:
@@ -343,7 +326,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
     if isinstance(alloc, dict) and "bits" in alloc:
         print(f"  allocation: {alloc.get('method')} at a budget of {alloc.get('budget'):g} average bits per weight "
               f"({alloc.get('average_bits', float('nan')):.3g} reached): "
-              + ", ".join(f"{k} {v}" for k, v in alloc["bits"].items()))
+              + ", ".join(f"{k} {v}" + ("" if (alloc.get("clip") or {}).get(k, "max") == "max" else
+                                       f" (clip {alloc['clip'][k]} {alloc['clip_ratio'][k]:.3g})")
+                          for k, v in alloc["bits"].items())
+              + (f"; fine-tuned {alloc['qat']['epochs']} epoch(s) with {alloc['qat']['objective']}"
+                 if alloc.get("qat") else ""))
     hist = user.get("history") or []
     if hist and "test_acc" in hist[-1]:
         print(f"  test accuracy: {hist[-1]['test_acc']:.4f} (epoch {hist[-1]['epoch']})")
@@ -633,10 +620,12 @@ ALLOCATION_FILES = ("allocation.json", "allocation.md")
 
 
 def allocation_table(info: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per weight layer: its weight count, the bits chosen, its size in bits and the method's cost there."""
+    """One row per weight layer: its weight count, the bits and clipping chosen, its size in bits and the method's
+    cost there."""
     by_name = {r["name"]: r for r in rows}
-    return [{"layer": n, "type": by_name[n]["type"], "weights": info["sizes"][n], "bits": b,
-             "size_bits": by_name[n]["size_bits"], "cost": info["costs"][n][b]} for n, b in info["bits"].items()]
+    return [{"layer": n, "type": by_name[n]["type"], "weights": info["sizes"][n], "bits": b, "clip": info["clip"][n],
+             "clip_ratio": info["clip_ratio"][n], "size_bits": by_name[n]["size_bits"],
+             "cost": info["costs"][n][info["setting"][n]]} for n, b in info["bits"].items()]
 
 
 def allocation_markdown(meta: dict[str, Any], table: list[dict[str, Any]], totals: dict[str, Any]) -> str:
@@ -645,10 +634,14 @@ def allocation_markdown(meta: dict[str, Any], table: list[dict[str, Any]], total
              f"({meta['average_bits']:.3g} reached), {meta['calib']} calibration images of {meta['dataset']}"
              + (f", ε = {eps_text(meta['eps'])}" if meta.get("eps") is not None else "")
              + f"; activations {'float' if meta['act_bits'] == 32 else str(meta['act_bits']) + ' bits'}. "
-             f"Model size {totals['size_bits'] / 8192:.2f} KiB, {totals['compression']:.2f}× smaller than float32.", "",
-             "| layer | type | weights | bits | size (bits) | cost |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['type']} | {r['weights']:,} | {r['bits']} | {r['size_bits']:,} | {r['cost']:.4g} |"
-              for r in table]
+             f"Model size {totals['size_bits'] / 8192:.2f} KiB, {totals['compression']:.2f}× smaller than float32."
+             + (f" Clipping rules tried per layer: {', '.join(meta['clips'])} (clip = the fraction of each channel's "
+                "max|w| where the grid ends)." if meta.get("clips", ["max"]) != ["max"] else "")
+             + (f" Then fine-tuned {meta['qat']['epochs']} epoch(s) with {meta['qat']['objective']} (lr "
+                f"{meta['qat']['lr']:g}; run folder `qat/`)." if meta.get("qat") else ""), "",
+             "| layer | type | weights | bits | clip | size (bits) | cost |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['type']} | {r['weights']:,} | {r['bits']} | {r['clip']} ({r['clip_ratio']:.3g}) "
+              f"| {r['size_bits']:,} | {r['cost']:.4g} |" for r in table]
     return "\n".join(lines) + "\n"
 
 
@@ -668,10 +661,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                          f"{args.candidates} (the fewest is {min(candidates)}): raise it or add smaller candidates")
     if args.act_bits != 32 and not 2 <= args.act_bits <= 8:
         raise UsageError(f"qrobust: --act-bits must be 2–8, or 32 for float activations, got {args.act_bits}")
+    clips = check_clips([c for c in args.clips.split(",") if c.strip()])
+    if args.qat_epochs < 0:
+        raise UsageError(f"qrobust: --qat-epochs must be ≥ 0 (0 = post-training only), got {args.qat_epochs}")
     given_eps = None if args.eps is None else parse_eps(args.eps, "Linf", one=True)
-    if given_eps is not None and args.method not in ADVERSARIAL_METHODS:
-        raise UsageError(f"qrobust: --eps is used by --method {' or '.join(ADVERSARIAL_METHODS)} only; drop it for "
-                         f"--method {args.method}")
+    needs_eps = args.method in ADVERSARIAL_METHODS or (args.qat_epochs > 0 and args.qat_objective == "pgd-at")
+    if given_eps is not None and not needs_eps:
+        raise UsageError(f"qrobust: --eps is used by --method {' or '.join(ADVERSARIAL_METHODS)} and by "
+                         f"--qat-objective pgd-at only; drop it for --method {args.method}")
     model = checkpoint.load(args.checkpoint)
     if is_quantized(model) or getattr(model, "qrobust_spec", None):
         raise ConfigError(f"{args.checkpoint} is already quantized: give the float checkpoint it was trained from")
@@ -680,7 +677,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not args.dataset:
         raise UsageError("qrobust: the checkpoint does not name its dataset: pass --dataset")
     eps = None
-    if args.method in ADVERSARIAL_METHODS:
+    if needs_eps:
         eps = given_eps if given_eps is not None else default_eps(args.dataset, "Linf", "--eps")
     train = load_dataset(args.dataset, "train", root=args.data_dir, download=args.download, cache_dir=args.cache_dir)
     check_model_fits(model, train.info, f"checkpoint {args.checkpoint}")
@@ -693,16 +690,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                  "--eps" if given_eps is not None else f"the customary L∞ ε of {args.dataset}; pass --eps to choose")
     model.eval()
     spec, info = allocate(model, x, y, budget=args.budget, method=args.method, act_bits=args.act_bits,
-                          candidates=candidates, eps=eps, seed=args.seed)
+                          candidates=candidates, clips=clips, eps=eps if args.method in ADVERSARIAL_METHODS else None,
+                          seed=args.seed)
     if args.act_bits != 32:
         log.info("activation clips calibrated on the %d calibration images", len(y))
     q = quantize(model, spec, calibrate=x if args.act_bits != 32 else None).eval()
+    qat = None
+    if args.qat_epochs:
+        from qrobust.studies.layerwise import make_qat_objective
+
+        cfg = FitConfig(epochs=args.qat_epochs, lr=args.qat_lr, batch_size=args.batch_size, seed=args.seed)
+        log.info("quantization-aware fine-tune: %d epoch(s) of %s", args.qat_epochs, args.qat_objective)
+        res = fit(q, train, objective=make_qat_objective(args.qat_objective, eps=eps, steps=args.qat_steps),
+                  config=cfg, out=out / "qat", metadata={"dataset": args.dataset, "allocation": args.method})
+        q = res.model.eval()
+        last = res.history[-1] if res.history else {}
+        qat = {"epochs": args.qat_epochs, "objective": args.qat_objective, "lr": args.qat_lr,
+               "steps": args.qat_steps if args.qat_objective == "pgd-at" else None, "eps": eps,
+               "train_accuracy": last.get("train_acc"), "run": str(out / "qat")}
     rows = describe(q)
     table = allocation_table(info, rows)
     totals = size_totals(rows)
     record = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "method": args.method,
               "budget": args.budget, "average_bits": info["average_bits"], "bits": info["bits"], "eps": eps,
-              "calib": len(y), "act_bits": args.act_bits, "candidates": list(candidates), "seed": args.seed}
+              "calib": len(y), "act_bits": args.act_bits, "candidates": list(candidates), "clips": list(clips),
+              "clip": info["clip"], "clip_ratio": info["clip_ratio"], "qat": qat, "seed": args.seed}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "allocation.json", json.dumps(
         {**record, "layers": table, "size_bits": totals["size_bits"], "float_bits": totals["float_bits"],
@@ -712,7 +724,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"{args.method} allocation at a budget of {args.budget:g} average bits: {info['average_bits']:.3g} reached, "
           f"{totals['compression']:.2f}x smaller than float32")
     for r in table:
-        print(f"  {r['layer']:<24} {r['bits']} bits  {r['weights']:>9,} weights  cost {r['cost']:.4g}")
+        clip = "" if r["clip"] == "max" else f" clip {r['clip']} ({r['clip_ratio']:.3g})"
+        print(f"  {r['layer']:<24} {r['bits']} bits{clip}  {r['weights']:>9,} weights  cost {r['cost']:.4g}")
+    if qat:
+        print(f"fine-tuned {qat['epochs']} epoch(s) with {qat['objective']}: run folder {qat['run']}")
     print(f"quantized checkpoint: {final}\nper-layer table: {out / 'allocation.md'}  {out / 'allocation.json'}")
     return 0
 
@@ -954,6 +969,19 @@ def make_parser() -> argparse.ArgumentParser:
     qz.add_argument("--eps", default=None,
                     help=f"lipschitz/quanos: the L∞ ε of the adversarial calibration inputs; {EPS_RULE} (default: "
                     "the dataset's customary ε)")
+    qz.add_argument("--clips", default="max",
+                    help="clipping rules per layer, chosen with the bits (no bit cost): max, mse, pQ (percentile), "
+                    "e.g. max,mse,p99.9 (default: %(default)s, the max-|w| grid)")
+    qz.add_argument("--qat-epochs", type=int, default=0,
+                    help="quantization-aware fine-tune epochs after the allocation (default 0: post-training)")
+    qz.add_argument("--qat-objective", default="pgd-at", choices=("natural", "pgd-at"),
+                    help="the fine-tune's objective: natural (cross-entropy) or pgd-at at --eps (default: %(default)s)")
+    qz.add_argument("--qat-lr", type=_positive_float, default=0.01, help="the fine-tune's learning rate (default: "
+                    "%(default)s)")
+    qz.add_argument("--qat-steps", type=_positive_int, default=7, help="PGD steps of the pgd-at fine-tune (default: "
+                    "%(default)s)")
+    qz.add_argument("--batch-size", type=_positive_int, default=128, help="the fine-tune's batch size (default: "
+                    "%(default)s)")
     qz.add_argument("--act-bits", type=int, default=32,
                     help="activation bits, 2–8 (clips calibrated on the calibration images), 32 = float (default)")
     _add_data_args(qz, default=None)

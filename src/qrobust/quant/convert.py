@@ -280,7 +280,8 @@ def quantize(
         cfg = spec.weight_config(name, first=name == first, last=name == last)
         cls = QuantConv2d if type(m) is nn.Conv2d else QuantLinear
         replacements[id(m)] = cls.from_float(
-            m, weight_bits=cfg["bits"], weight_scheme=cfg["scheme"], sign_grad=cfg["sign_grad"]
+            m, weight_bits=cfg["bits"], weight_scheme=cfg["scheme"], sign_grad=cfg["sign_grad"],
+            weight_clip=cfg["clip"],
         )
     for name, m in acts:
         cfg = spec.act_config(name)

@@ -134,16 +134,21 @@ def uniform_quantize(
     return q * scale
 
 
-def symmetric_weight_quantize(w: torch.Tensor, bits: int, *, per_channel: bool = False) -> torch.Tensor:
-    """Symmetric uniform quantization with scale = max|w| / (2^(b−1) − 1), per tensor or per output channel.
+def symmetric_weight_quantize(w: torch.Tensor, bits: int, *, per_channel: bool = False, clip: float = 1.0
+                              ) -> torch.Tensor:
+    """Symmetric uniform quantization with scale = clip·max|w| / (2^(b−1) − 1), per tensor or per output channel.
 
     Levels are ``k · scale`` for k in [−(2^(b−1) − 1), 2^(b−1) − 1]: 2^b − 1 of them, zero included. The
     scale is detached and the range covers every weight by construction, so the gradient is 1 everywhere
     (there is nothing to clip; the clamp only guards against the last-ulp overshoot of ``max|w| / scale``).
-    Needs ``bits >= 2`` (at 1 bit use :func:`binary_weight_quantize`).
+    ``clip`` < 1 ends the grid at that fraction of max|w|: the weights beyond saturate at the top level (their
+    gradient still passes unchanged, the straight-through choice of the unclipped grid). Needs ``bits >= 2``
+    (at 1 bit use :func:`binary_weight_quantize`).
 
     >>> symmetric_weight_quantize(torch.tensor([[-1.0, -0.2, 0.3, 0.8]]), 2)
     tensor([[-1.,  0.,  0.,  1.]])
+    >>> symmetric_weight_quantize(torch.tensor([[-1.0, -0.2, 0.3, 0.8]]), 3, clip=0.6)
+    tensor([[-0.6000, -0.2000,  0.4000,  0.6000]])
     """
     qmax = 2 ** (_check_bits(bits, low=2) - 1) - 1
     with torch.no_grad():
@@ -151,7 +156,7 @@ def symmetric_weight_quantize(w: torch.Tensor, bits: int, *, per_channel: bool =
             m = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
         else:
             m = w.abs().amax()
-        scale = (m / qmax).clamp_min(torch.finfo(w.dtype).tiny)  # all-zero weights: scale tiny, output 0
+        scale = (m * clip / qmax).clamp_min(torch.finfo(w.dtype).tiny)  # all-zero weights: scale tiny, output 0
     return uniform_quantize(w, scale, qmin=-qmax, qmax=qmax, ste="identity")
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from qrobust.errors import ConfigError
 from qrobust.quant.modes import get_gradient_mode
 from qrobust.quant.quantizers import Quantizer, RangeActQuantizer, _act_quantizer, _weight_quantizer
-from qrobust.quant.spec import FLOAT_BITS, check_act_config, check_weight_config
+from qrobust.quant.spec import FLOAT_BITS, check_act_config, check_weight_clip, check_weight_combo, check_weight_config
 from qrobust.validation import check_choice
 
 __all__ = ["ACT_KINDS", "SIGNED_KINDS", "QuantAct", "QuantConv2d", "QuantLinear", "signed_act_low"]
@@ -40,9 +40,12 @@ class _QuantWeightMixin:
     weight: nn.Parameter
     weight_quant: Quantizer | None
 
-    def _configure(self, weight_bits: int, weight_scheme: str, sign_grad: str) -> None:
+    def _configure(self, weight_bits: int, weight_scheme: str, sign_grad: str, clip: float = 1.0) -> None:
         bits, self.weight_scheme, self.sign_grad = check_weight_config(weight_bits, weight_scheme, sign_grad)
-        quantizer = _weight_quantizer(self.weight_scheme, bits, sign_grad=self.sign_grad, weight=self.weight)
+        clip = check_weight_clip(clip)
+        check_weight_combo(bits, self.weight_scheme, where=type(self).__name__, clip=clip)
+        quantizer = _weight_quantizer(self.weight_scheme, bits, sign_grad=self.sign_grad, weight=self.weight,
+                                      clip=clip)
         self.weight_bits = bits
         self.register_module("weight_quant", quantizer)  # type: ignore[attr-defined]
         self.quant_enabled = True
@@ -80,7 +83,9 @@ class _QuantWeightMixin:
 
     def _quant_repr(self) -> str:
         scheme = "float" if self.weight_quant is None else self.weight_quant.scheme
-        return f", weight_bits={self.weight_bits}, weight_scheme={scheme}"
+        clip = getattr(self.weight_quant, "clip", 1.0)
+        return f", weight_bits={self.weight_bits}, weight_scheme={scheme}" + (f", weight_clip={clip:g}"
+                                                                               if clip != 1.0 else "")
 
 
 class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
@@ -112,19 +117,21 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         weight_bits: int = 4,
         weight_scheme: str = "dorefa",
         sign_grad: str = "identity",
+        weight_clip: float = 1.0,
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device=device, dtype=dtype,
         )  # fmt: skip
-        self._configure(weight_bits, weight_scheme, sign_grad)
+        self._configure(weight_bits, weight_scheme, sign_grad, weight_clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(
-        cls, conv: nn.Conv2d, *, weight_bits: int, weight_scheme: str = "dorefa", sign_grad: str = "identity"
+        cls, conv: nn.Conv2d, *, weight_bits: int, weight_scheme: str = "dorefa", sign_grad: str = "identity",
+        weight_clip: float = 1.0,
     ) -> QuantConv2d:
         """A QuantConv2d with the same configuration that *shares* ``conv``'s weight and bias parameters."""
         q = cls(
@@ -134,7 +141,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         )  # fmt: skip
         q.weight = conv.weight
         q.bias = conv.bias
-        q._configure(weight_bits, weight_scheme, sign_grad)
+        q._configure(weight_bits, weight_scheme, sign_grad, weight_clip)
         q.train(conv.training)
         return q
 
@@ -163,16 +170,18 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         weight_bits: int = 4,
         weight_scheme: str = "dorefa",
         sign_grad: str = "identity",
+        weight_clip: float = 1.0,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._configure(weight_bits, weight_scheme, sign_grad)
+        self._configure(weight_bits, weight_scheme, sign_grad, weight_clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, *, weight_bits: int, weight_scheme: str = "dorefa", sign_grad: str = "identity"
+        cls, linear: nn.Linear, *, weight_bits: int, weight_scheme: str = "dorefa", sign_grad: str = "identity",
+        weight_clip: float = 1.0,
     ) -> QuantLinear:
         """A QuantLinear that *shares* ``linear``'s weight and bias parameters."""
         q = cls(
@@ -181,7 +190,7 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         )  # fmt: skip
         q.weight = linear.weight
         q.bias = linear.bias
-        q._configure(weight_bits, weight_scheme, sign_grad)
+        q._configure(weight_bits, weight_scheme, sign_grad, weight_clip)
         q.train(linear.training)
         return q
 

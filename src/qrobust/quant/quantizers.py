@@ -32,7 +32,15 @@ from torch import nn
 from qrobust.errors import ConfigError
 from qrobust.quant import functional as QF
 from qrobust.quant.modes import fake_quant_q
-from qrobust.quant.spec import FLOAT_BITS, SIGN_GRADS, check_act_config, check_bits, check_clip, check_weight_config
+from qrobust.quant.spec import (
+    FLOAT_BITS,
+    SIGN_GRADS,
+    check_act_config,
+    check_bits,
+    check_clip,
+    check_weight_clip,
+    check_weight_config,
+)
 from qrobust.validation import check_choice
 
 __all__ = [
@@ -117,22 +125,24 @@ class UniformWeightQuantizer(Quantizer):
             [ 3.0000,  1.0000]])
     """
 
-    def __init__(self, bits: int, *, per_channel: bool = False) -> None:
+    def __init__(self, bits: int, *, per_channel: bool = False, clip: float = 1.0) -> None:
         super().__init__(_multi_bits(bits, 2, "uniform"))
         self.per_channel = bool(per_channel)
+        self.clip = check_weight_clip(clip, name="clip")
 
     @property
     def scheme(self) -> str:  # type: ignore[override]
         return "uniform_per_channel" if self.per_channel else "uniform"
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return QF.symmetric_weight_quantize(x, self.bits, per_channel=self.per_channel)
+        return QF.symmetric_weight_quantize(x, self.bits, per_channel=self.per_channel, clip=self.clip)
 
     def num_scales(self, weight: torch.Tensor | None = None) -> int:
         return int(weight.shape[0]) if self.per_channel and weight is not None and weight.dim() > 1 else 1
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, per_channel={self.per_channel}"
+        clip = f", clip={self.clip:g}" if self.clip != 1.0 else ""
+        return f"bits={self.bits}, per_channel={self.per_channel}{clip}"
 
 
 class LSQWeightQuantizer(Quantizer):
@@ -325,7 +335,7 @@ def make_weight_quantizer(
 
 
 def _weight_quantizer(
-    scheme: str, bits: int, *, sign_grad: str, weight: torch.Tensor | None = None
+    scheme: str, bits: int, *, sign_grad: str, weight: torch.Tensor | None = None, clip: float = 1.0
 ) -> Quantizer | None:
     """:func:`make_weight_quantizer` for values already checked (the layers call this)."""
     if bits == FLOAT_BITS:
@@ -335,7 +345,7 @@ def _weight_quantizer(
     if scheme == "dorefa":
         return DoReFaWeightQuantizer(bits)
     if scheme in ("uniform", "uniform_per_channel"):
-        return UniformWeightQuantizer(bits, per_channel=scheme == "uniform_per_channel")
+        return UniformWeightQuantizer(bits, per_channel=scheme == "uniform_per_channel", clip=clip)
     return LSQWeightQuantizer(bits, weight=weight)
 
 

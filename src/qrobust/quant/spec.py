@@ -19,7 +19,8 @@ the first Conv2d-or-Linear, and of the last Linear — the classifier — or of 
 has no Linear, in module registration order, which is forward order for qrobust models; for a model with
 a single such layer the last-layer value wins), then ``overrides``. An override key names a module
 (``"layer3.0.conv1"``) or a prefix of module names (``"layer3"`` covers everything under it); more
-specific (longer) keys win. Weight settings (``weight_bits``, ``weight_scheme``, ``sign_grad``) act on
+specific (longer) keys win. Weight settings (``weight_bits``, ``weight_scheme``, ``sign_grad``, and the
+override-only ``weight_clip``) act on
 Conv2d/Linear layers, activation settings (``act_bits``, ``act_scheme``, ``act_clip``, ``sign_grad``) on the
 ReLU/ReLU6 modules that become ``QuantAct``.
 
@@ -34,6 +35,11 @@ Rules worth knowing:
   nothing to clip: uniform/DoReFa weight ranges cover every weight by construction, LSQ uses its paper's
   gradient, and for activations the clip to [0, α] *is* the activation (gradient 1 only for 0 < x < α, as
   ReLU6);
+* ``weight_clip`` (overrides only, e.g. ``{"conv1": {"weight_bits": 3, "weight_clip": 0.7}}``) clips the
+  symmetric uniform weight grid at that fraction of max|w| (per output channel under ``uniform_per_channel``):
+  scale = clip·max|w| / (2^(b−1) − 1), the weights beyond it saturate. 1.0 (the default) is the max-|w| grid;
+  only the ``uniform`` schemes at 2–8 bits take it (the per-layer clipping candidates of
+  :mod:`qrobust.analysis.allocation` are written as these overrides);
 * ``act_clip`` is the clipping level α of the "clip" scheme and the initial α of "pact". On a ReLU6 model
   α is ``min(act_clip, 6)``, so the default 6.0 reproduces ReLU6's range exactly.
 
@@ -76,7 +82,10 @@ OVERRIDE_FIELDS: tuple[str, ...] = (
     "act_scheme",
     "act_clip",
     "sign_grad",
+    "weight_clip",
 )
+#: weight schemes whose grid can be clipped below max|w| (``weight_clip`` overrides)
+CLIPPABLE_WEIGHT_SCHEMES: tuple[str, ...] = ("uniform", "uniform_per_channel")
 LEGACY_NAMES: dict[str, str] = {"ste": "sign_grad"}  # persisted spellings (spec strings, checkpoint dicts)
 ONE_BIT_ONLY_WEIGHT = ("binary",)
 ONE_BIT_ONLY_ACT = ("sign",)
@@ -104,7 +113,21 @@ def check_clip(value: Any, *, name: str = "act_clip") -> float:
     return out
 
 
-def check_weight_combo(bits: int, scheme: str, *, where: str = "") -> None:
+def check_weight_clip(value: Any, *, name: str = "weight_clip") -> float:
+    """A weight clipping ratio in (0, 1]: the fraction of max|w| (per output channel under
+    ``uniform_per_channel``) at which the symmetric uniform grid ends."""
+    out = check_clip(value, name=name)
+    if out > 1:
+        raise ConfigError(f"{name} is a fraction of max|w| in (0, 1] (1 = no clipping), got {value!r}")
+    return out
+
+
+def check_weight_combo(bits: int, scheme: str, *, where: str = "", clip: float = 1.0) -> None:
+    if clip != 1.0 and bits != FLOAT_BITS and (scheme not in CLIPPABLE_WEIGHT_SCHEMES or bits == 1):
+        raise ConfigError(
+            f"weight_clip={clip:g} of {where or 'the spec'} needs a 2–8-bit {' or '.join(CLIPPABLE_WEIGHT_SCHEMES)} "
+            f"weight scheme, got {bits}-bit {scheme!r}: drop weight_clip or use weight_scheme=uniform_per_channel"
+        )
     if scheme in ONE_BIT_ONLY_WEIGHT and bits not in (1, FLOAT_BITS):
         raise ConfigError(
             f"weight_scheme={scheme!r} is 1-bit only but {where or 'the spec'} asks for {bits}-bit weights; "
@@ -196,6 +219,8 @@ def _normalize_override(name: Any, value: Any) -> dict[str, Any]:
             out[key] = check_choice(f"act_scheme of {where}", v, ACT_SCHEMES, casefold=True)
         elif key == "act_clip":
             out[key] = check_clip(v, name=f"act_clip of {where}")
+        elif key == "weight_clip":
+            out[key] = check_weight_clip(v, name=f"weight_clip of {where}")
         else:
             out[key] = check_choice(f"sign_grad of {where}", v, SIGN_GRADS, casefold=True)
     if not out:
@@ -267,6 +292,7 @@ class QuantSpec:
                 ov.get("weight_bits", self.weight_bits),
                 ov.get("weight_scheme", self.weight_scheme),
                 where=f"override {name!r}",
+                clip=ov.get("weight_clip", 1.0),
             )
             check_act_combo(
                 ov.get("act_bits", self.act_bits),
@@ -408,8 +434,10 @@ class QuantSpec:
         return [ov for _, ov in sorted(hits, key=lambda t: t[0])]
 
     def weight_config(self, name: str = "", *, first: bool = False, last: bool = False) -> dict[str, Any]:
-        """``{"bits", "scheme", "sign_grad"}`` for the Conv2d/Linear called ``name``."""
-        cfg: dict[str, Any] = {"bits": self.weight_bits, "scheme": self.weight_scheme, "sign_grad": self.sign_grad}
+        """``{"bits", "scheme", "sign_grad", "clip"}`` for the Conv2d/Linear called ``name`` (``clip``: the
+        ``weight_clip`` ratio of its overrides, 1.0 = the grid spans max|w|)."""
+        cfg: dict[str, Any] = {"bits": self.weight_bits, "scheme": self.weight_scheme, "sign_grad": self.sign_grad,
+                               "clip": 1.0}
         if first and self.first_layer_bits is not None:
             cfg["bits"] = self.first_layer_bits
         if last and self.last_layer_bits is not None:
@@ -418,7 +446,8 @@ class QuantSpec:
             cfg["bits"] = ov.get("weight_bits", cfg["bits"])
             cfg["scheme"] = ov.get("weight_scheme", cfg["scheme"])
             cfg["sign_grad"] = ov.get("sign_grad", cfg["sign_grad"])
-        check_weight_combo(cfg["bits"], cfg["scheme"], where=f"layer {name!r}")
+            cfg["clip"] = ov.get("weight_clip", cfg["clip"])
+        check_weight_combo(cfg["bits"], cfg["scheme"], where=f"layer {name!r}", clip=cfg["clip"])
         return cfg
 
     def act_config(self, name: str = "") -> dict[str, Any]:

@@ -10,6 +10,9 @@ this module owns the rest:
   name before anything trains), torch threads (:func:`study_threads`);
 * **resumption** — every training run of a study lives in ``out/runs/TAG`` and is resumed from there with
   ``resume=True`` (:meth:`StudyContext.fit`);
+* **parents from checkpoints** — an expensive float parent trained once and shared by several studies:
+  :meth:`StudyContext.parent` trains it, or loads the checkpoint given (:func:`load_parent`: float, same
+  dataset, an architecture that fits it — else one line naming the problem) and records where it came from;
 * **timing** — interleaved short runs of several recipes (:func:`interleaved_epoch_times`,
   :func:`timing_ratios`) and the median epoch of a training history (:func:`median_epoch_time`);
 * **statistics and verdicts** — the exact McNemar test on paired per-sample robust masks
@@ -85,7 +88,9 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
+from qrobust import checkpoint
 from qrobust.errors import ConfigError, InputError
+from qrobust.quant import is_quantized
 from qrobust.report import new_figure, save_figure
 from qrobust.training import fit
 from qrobust.utils import atomic_write_text
@@ -95,7 +100,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ALPHA", "COMMON_OPTIONS", "DEFAULT_MODEL", "SMALL_IMAGE_DATASETS", "TRAINING_OPTIONS", "Option", "Study",
     "StudyContext", "available_studies", "dataset_defaults", "eps_key", "get_study", "grid",
-    "interleaved_epoch_times", "load_results", "md_table", "median_epoch_time", "new_figure", "num",
+    "interleaved_epoch_times", "load_parent", "load_results", "md_table", "median_epoch_time", "new_figure", "num",
     "override_budget", "paired_test", "paired_text", "pct", "register_study", "render_results", "resolve_budget",
     "run_study", "save_figure", "significant", "study_of", "study_threads", "timing_ratios", "verdict",
     "write_outputs",
@@ -375,6 +380,39 @@ TRAINING_OPTIONS = (
 )
 
 
+def load_parent(path: str | Path, *, dataset: str, info: Any, model: str | None = None, flag: str = "--parent",
+                objective: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A study's float parent from the checkpoint ``path`` → ``(model in eval mode, its provenance)``.
+
+    The checkpoint must hold a float model (not quantized) for ``dataset`` — the dataset its metadata names,
+    where it names one, and an input shape and class count that fit ``info`` (:func:`qrobust.checkpoint.
+    check_fits`) — and, where ``model`` (the study's ``--model``) is given, that architecture; anything else is
+    one :class:`~qrobust.errors.InputError` line naming ``flag`` and the fix. ``objective`` is the training
+    objective the study expects of this parent (``"ce"`` for a natural one; another name for an adversarial
+    one): a checkpoint recording a different one is used, with a visible warning. The provenance (path,
+    architecture, and the fit settings and objective the checkpoint records) goes into the study's results.
+    """
+    net = checkpoint.load(path)
+    meta = getattr(net, "qrobust_meta", {}) or {}
+    md = meta.get("metadata") or {}
+    if is_quantized(net) or meta.get("spec"):
+        raise InputError(f"{flag} {path} is a quantized checkpoint: give the float parent it was fine-tuned from")
+    if md.get("dataset") and md["dataset"] != dataset:
+        raise InputError(f"{flag} {path} was trained on {md['dataset']}, not {dataset}: give a {dataset} checkpoint "
+                         f"or run the study with --dataset {md['dataset']}")
+    checkpoint.check_fits(net, info, f"{flag} {path}")
+    arch = (getattr(net, "qrobust_arch", None) or {}).get("name")
+    if model is not None and arch is not None and arch != model:
+        raise InputError(f"{flag} {path} is a {arch}, not the --model {model} asked for: drop --model or give a "
+                         f"{model} checkpoint")
+    recorded = (md.get("objective") or {}).get("name")
+    if objective is not None and recorded is not None and (recorded == "ce") != (objective == "ce"):
+        log.warning("%s %s was trained with objective %r, not the %r this parent stands for: its numbers will be "
+                    "reported as that parent's all the same", flag, path, recorded, objective)
+    source = {"checkpoint": str(path), "model": arch, "fit": md.get("fit"), "objective": md.get("objective")}
+    return net.eval(), source
+
+
 @dataclasses.dataclass
 class StudyContext:
     """What the harness hands a study's :meth:`Study.run`: where to write, whether to resume, the seed,
@@ -401,6 +439,21 @@ class StudyContext:
                   callbacks=callbacks, metadata=metadata)
         res.model.eval()
         return res
+
+    def parent(self, tag: str, checkpoint_path: str | Path | None, build: Callable[[], nn.Module], train: Any, *,
+               objective: Any, config: Any, dataset: str, model: str | None = None, flag: str = "--parent",
+               metadata: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+        """A float parent: loaded from ``checkpoint_path`` (:func:`load_parent`, checked against ``dataset``
+        and ``model``), else ``build()`` trained by :meth:`fit` under ``tag`` → ``(model, provenance)``; the
+        provenance says which (``{"checkpoint": …}`` or ``{"trained": "runs/TAG"}``)."""
+        if checkpoint_path is not None:
+            obj_name = objective if isinstance(objective, str) else getattr(objective, "name", None)
+            net, source = load_parent(checkpoint_path, dataset=dataset, info=train.info, model=model, flag=flag,
+                                      objective=obj_name)
+            log.info("%s: the float parent from %s (not trained here)", tag, checkpoint_path)
+            return net, source
+        net = self.fit(tag, build(), train, objective=objective, config=config, metadata=metadata).model
+        return net, {"trained": f"runs/{tag}"}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start

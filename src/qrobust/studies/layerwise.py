@@ -3,7 +3,9 @@ vulnerable to post-training quantization, and does a Lipschitz-guided per-layer 
 (:mod:`qrobust.analysis.allocation`, docs/layerwise.md) protect its robustness better than the baselines?
 
 **Parents.** One architecture trained twice from the same initialisation, data order and epochs: naturally
-(cross-entropy) and with PGD-AT (:class:`~qrobust.defenses.PgdAT`, ``at_steps`` steps, α = ε/4) at ε.
+(cross-entropy) and with PGD-AT (:class:`~qrobust.defenses.PgdAT`, ``at_steps`` steps, α = ε/4) at ε — or
+either taken from a checkpoint (``natural=`` / ``adversarial=``, :meth:`StudyContext.parent`: checked to be a
+float model of this dataset and architecture), so that expensive parents are trained once and shared.
 
 **Part 1 — the claim.** Each float parent quantized *post-training* (no fine-tune) at ``bits`` (8/6/4/3/2):
 weights only (``w{b}a32``) and weights + activations (``w{b}a{b}``, activation clips calibrated on
@@ -13,15 +15,23 @@ the float parent. Claim 1 — *the AT model loses more* — is judged per (mode,
 with an exact McNemar test on the per-sample "lost" masks (robust in the float parent, not after quantizing).
 
 **Part 2 — the allocation.** For each parent, each method of :data:`~qrobust.analysis.allocation.METHODS` at
-each budget (average weight bits; activations float — a weights-only allocation): clean accuracy, the
+each budget (average weight bits; activations float — a weights-only allocation) over the candidate settings
+``candidates`` × ``clips`` (bits and a clipping rule per layer; clipping costs no bits): clean accuracy, the
 per-sample worst case of the standard suite (APGD-CE, APGD-T with ``apgd_iter`` iterations, then Square with
-``square_queries`` queries, :func:`qrobust.evaluation.evaluate`), model size, the bits per layer. Claim 2 —
-*Lipschitz beats uniform, HAWQ and random at equal budget on robust accuracy* — paired per (parent, budget,
-baseline) by the exact McNemar test on the worst-case masks. Post-training only: no QAT fine-tune is run.
+``square_queries`` queries, :func:`qrobust.evaluation.evaluate`), model size, the bits (and clips) per layer —
+post-training, and with ``qat_epochs`` > 0 also after a short quantization-aware fine-tune of that allocation
+(:func:`qrobust.fit` with the registered objective ``qat_objective``: ``"natural"`` = cross-entropy,
+``"pgd-at"`` = PGD-AT at ε; ``qat_batches`` caps the batches per epoch on large datasets), side by side.
+Claim 2 — *Lipschitz beats uniform, HAWQ and random at equal budget on robust accuracy* — paired per (parent,
+budget, baseline) by the exact McNemar test on the worst-case masks, post-training (the verdict) and after the
+fine-tune (``qat_points``, ``qat_verdict``).
 
-**Consistency (claim 3).** Every single-layer setting (one layer at ``b`` bits, the rest float): its criterion
-cost ``c_l(b)`` against its measured adversarial loss increase (mean cross-entropy under PGD-``consistency_steps``
-on the test images, minus the float parent's); Spearman's ρ (``scipy.stats.spearmanr``) per parent and method.
+**Consistency (claim 3).** Every single-layer setting (one layer at ``b`` bits with clipping rule ``c``, the
+rest float): its criterion cost ``c_l(b, c)`` against its measured adversarial loss increase (mean cross-entropy
+under PGD-``consistency_steps`` on the first ``consistency_images`` test images (all by default), minus the
+float parent's); Spearman's ρ (``scipy.stats.spearmanr``) per parent and method. With several clipping rules
+also the *clip agreement*: the fraction of (layer, bits) pairs where the criterion's cheapest clip is the one
+with the least measured loss.
 
 Outputs in ``out``: ``report.md``, ``results.json``, ``part1.png``, ``bits.png``, ``consistency.png``, and the
 two parents' run folders under ``runs/``.
@@ -41,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qrobust._version import __version__
-from qrobust.analysis.allocation import DEFAULT_CANDIDATES, METHODS, allocate
+from qrobust.analysis.allocation import DEFAULT_CANDIDATES, DEFAULT_CLIPS, METHODS, allocate, check_clips, parse_setting
 from qrobust.attacks import PGD
 from qrobust.data import load_dataset
 from qrobust.defenses import PgdAT, make_objective
@@ -71,21 +81,26 @@ from qrobust.validation import check_eps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DATASET_DEFAULTS", "FORMAT", "Layerwise"]
+__all__ = ["DATASET_DEFAULTS", "FORMAT", "QAT_OBJECTIVES", "Layerwise", "make_qat_objective"]
 
 FORMAT = "qrobust-layerwise-study/1"
 PARENTS = ("natural", "pgd-at")
 PARENT_NAMES = {"natural": "natural", "pgd-at": "PGD-AT"}
 MODES = {"w": "weights only", "wa": "weights + activations"}
 BASELINES = ("uniform", "hawq", "random")
+#: the fine-tunes after allocation: the name a user gives → the registered objective (qrobust.defenses)
+QAT_OBJECTIVES = {"natural": "ce", "pgd-at": "pgd-at"}
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"eps": 0.1, "epochs": 15, "batch_size": 64, "lr": 0.05, "n_eval": 359, "n_calib": 128},
-    "mnist": {"eps": 0.2, "epochs": 5, "batch_size": 128, "lr": 0.05, "n_eval": 1000, "n_calib": 256},
-    "cifar10": {"eps": 8 / 255, "epochs": 30, "batch_size": 128, "lr": 0.1, "n_eval": 1000, "n_calib": 256},
+    "digits": {"eps": 0.1, "epochs": 15, "batch_size": 64, "lr": 0.05, "n_eval": 359, "n_calib": 128,
+               "qat_lr": 0.01},
+    "mnist": {"eps": 0.2, "epochs": 5, "batch_size": 128, "lr": 0.05, "n_eval": 1000, "n_calib": 256,
+              "qat_lr": 0.01},
+    "cifar10": {"eps": 8 / 255, "epochs": 30, "batch_size": 128, "lr": 0.1, "n_eval": 1000, "n_calib": 256,
+                "qat_lr": 0.01},
 }
 _FALLBACK = {"model": "resnet20", "eps": 8 / 255, "epochs": 10, "batch_size": 128, "lr": 0.05, "n_eval": 500,
-             "n_calib": 256}
+             "n_calib": 256, "qat_lr": 0.01}
 
 
 @dataclasses.dataclass
@@ -96,6 +111,7 @@ class _Budget:
     square_queries: int = 300
     calib_steps: int = 10
     consistency_steps: int = 10
+    consistency_images: int | None = None  # the first N evaluation images (None: all); a ResNet has 240 settings
     hutchinson_samples: int = 8
 
 
@@ -104,6 +120,16 @@ _QUICK = _Budget(at_steps=3, pgd_steps=5, apgd_iter=5, square_queries=20, calib_
 
 
 # ============================================================================================ pieces
+def make_qat_objective(name: str, *, eps: float, steps: int) -> Any:
+    """The registered objective of the fine-tune ``name`` (:data:`QAT_OBJECTIVES`): cross-entropy, or PGD-AT
+    at ``eps`` with ``steps`` steps (α = ε/4)."""
+    if name not in QAT_OBJECTIVES:
+        raise ConfigError(f"unknown fine-tune objective {name!r}; choose from {sorted(QAT_OBJECTIVES)}")
+    if name == "natural":
+        return make_objective("ce")
+    return make_objective(QAT_OBJECTIVES[name], eps=eps, steps=steps)
+
+
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(x).argmax(1) == y
@@ -129,6 +155,17 @@ def _standard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, b:
     r = rep.result(eps)
     return {"clean": rep.clean_accuracy, "worst": r.robust_accuracy,
             "after": {a.label: a.robust_accuracy_after for a in r.attacks}}, r.robust_mask
+
+
+def _clip_agreement(settings: Sequence[Mapping[str, Any]], method: str) -> dict[str, Any]:
+    """Over the (layer, bits) pairs with several clipping rules: how often the rule ``method`` finds cheapest
+    is the one whose measured adversarial loss increase is least."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for s in settings:
+        groups.setdefault((s["layer"], s["bits"]), []).append(s)
+    hits = [min(g, key=lambda s: s["cost"][method])["clip"] == min(g, key=lambda s: s["loss_increase"])["clip"]
+            for g in groups.values() if len(g) > 1]
+    return {"agree": sum(hits), "n": len(hits), "chance": 1 / max(len(next(iter(groups.values()))), 1)}
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
@@ -157,6 +194,17 @@ class Layerwise(Study):
         Option("--methods", "str_list", "part 2 allocation methods (default: all)"),
         Option("--eps", "eps255", "L∞ ε on the 0–255 scale (default per dataset; digits 0.1)"),
         Option("--n-calib", "int", "calibration images from the training split (default per dataset)"),
+        Option("--candidates", "int_list", "part 2 candidate weight bit-widths per layer (default 2,3,4,5,6,8)"),
+        Option("--clips", "str_list", "part 2 clipping rules per layer: max, mse, pQ (e.g. max,mse,p99.9; "
+                                      "default max)"),
+        Option("--qat-epochs", "int", "epochs of the quantization-aware fine-tune after each allocation "
+                                      "(default 0: post-training only)"),
+        Option("--qat-objective", "str", "the fine-tune's objective (default: %(default)s)", default="pgd-at",
+               choices=tuple(QAT_OBJECTIVES)),
+        Option("--qat-lr", "float", "the fine-tune's learning rate (default per dataset)"),
+        Option("--qat-batches", "int", "batches per fine-tune epoch (default: the whole training set)"),
+        Option("--natural", "str", "the natural float parent from this checkpoint (not trained here)"),
+        Option("--adversarial", "str", "the PGD-AT float parent from this checkpoint (not trained here)"),
     )
 
     def run(
@@ -176,11 +224,30 @@ class Layerwise(Study):
         eps: float | None = None,
         n_calib: int | None = None,
         candidates: Sequence[int] = DEFAULT_CANDIDATES,
+        clips: Sequence[str] = DEFAULT_CLIPS,
+        qat_epochs: int = 0,
+        qat_objective: str = "pgd-at",
+        qat_lr: float | None = None,
+        qat_batches: int | None = None,
+        natural: str | Path | None = None,
+        adversarial: str | Path | None = None,
     ) -> dict[str, Any]:
         b, seed = ctx.budget, ctx.seed
+        clips_l = list(check_clips(clips))
+        if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
+            raise ConfigError(f"qat_epochs must be an integer ≥ 0 (0 = post-training only), got {qat_epochs!r}")
+        if qat_objective not in QAT_OBJECTIVES:
+            raise ConfigError(f"unknown qat_objective {qat_objective!r}; choose from {sorted(QAT_OBJECTIVES)}")
+        checkpoints = {"natural": natural, "pgd-at": adversarial}
+        for flag, path in (("--natural", natural), ("--adversarial", adversarial)):
+            if path is not None and not Path(path).exists():
+                raise ConfigError(f"{flag} {path} does not exist: give a checkpoint file or run folder")
         bits_l = [int(v) for v in bits]
         if not bits_l or any(not 2 <= v <= 8 for v in bits_l) or len(set(bits_l)) != len(bits_l):
             raise ConfigError(f"bits must be distinct bit-widths from 2 to 8, got {list(bits)}")
+        candidates = sorted({int(v) for v in candidates})
+        if not candidates or any(not 2 <= v <= 8 for v in candidates):
+            raise ConfigError(f"candidates must be weight bit-widths from 2 to 8, got {candidates}")
         budgets_l = [float(v) for v in budgets]
         if not budgets_l or any(not min(candidates) <= v <= 8 for v in budgets_l):
             raise ConfigError(f"budgets must lie between {min(candidates)} and 8 average bits, got {list(budgets)}")
@@ -205,17 +272,32 @@ class Layerwise(Study):
         info = test.info
         model_name = model or d["model"]
         cfg = FitConfig(epochs=epochs or d["epochs"], batch_size=d["batch_size"], lr=d["lr"], seed=seed, bf16=bf16)
+        qat_cfg = dataclasses.replace(cfg, epochs=max(qat_epochs, 1), lr=qat_lr or d["qat_lr"],
+                                      max_batches=qat_batches).validate()
 
-        parents: dict[str, nn.Module] = {}
-        for p in PARENTS:
+        def build() -> nn.Module:
             torch.manual_seed(seed)
             c, h, _ = info.input_shape
-            net = build_model(model_name, num_classes=info.num_classes, in_channels=c, input_size=h,
-                              activation="relu6", mean=list(info.mean), std=list(info.std))
+            return build_model(model_name, num_classes=info.num_classes, in_channels=c, input_size=h,
+                               activation="relu6", mean=list(info.mean), std=list(info.std))
+
+        parents: dict[str, nn.Module] = {}
+        sources: dict[str, dict[str, Any]] = {}
+        for p in sorted(PARENTS, key=lambda p: checkpoints[p] is None):  # loaded ones first: they set the model
+            model_name = next((s["model"] for s in sources.values() if s.get("model")), model_name)
             obj = make_objective("ce") if p == "natural" else PgdAT(eps=eps_v, steps=b.at_steps)
-            log.info("training the %s parent", PARENT_NAMES[p])
-            parents[p] = ctx.fit(f"float-{p}", net, train, objective=obj, config=cfg,
-                                 metadata={"dataset": dataset, "study": "layerwise", "parent": p}).model
+            if checkpoints[p] is None:
+                log.info("training the %s parent", PARENT_NAMES[p])
+            parents[p], sources[p] = ctx.parent(
+                f"float-{p}", checkpoints[p], build, train, objective=obj, config=cfg, dataset=dataset,
+                model=model, flag="--natural" if p == "natural" else "--adversarial",
+                metadata={"dataset": dataset, "study": "layerwise", "parent": p})
+        parents = {p: parents[p] for p in PARENTS}
+        if len({type(n).__name__ for n in parents.values()}) > 1 or \
+                _layer_sizes(parents["natural"]) != _layer_sizes(parents["pgd-at"]):
+            raise ConfigError("the natural and PGD-AT parents have different architectures: give checkpoints of "
+                              "the same architecture (or let the study train the missing one)")
+        qat_obj = make_qat_objective(qat_objective, eps=eps_v, steps=b.at_steps) if qat_epochs else None
 
         # ---------------------------------------------------------------- part 1: uniform PTQ
         part1: dict[str, Any] = {}
@@ -251,59 +333,84 @@ class Layerwise(Study):
         # ---------------------------------------------------------------- part 2: allocations
         part2: list[dict[str, Any]] = []
         masks: dict[tuple[str, float, str], torch.Tensor] = {}
-        costs: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+        qat_masks: dict[tuple[str, float, str], torch.Tensor] = {}
+        costs: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+        ratios: dict[str, dict[str, dict[str, float]]] = {}
         float_std: dict[str, Any] = {}
         for p, net in parents.items():
             float_std[p], _ = _standard(net, x, y, eps_v, b, seed)
             for budget in budgets_l:
                 for m in methods_l:
                     log.info("%s parent, %s allocation at %g bits", PARENT_NAMES[p], m, budget)
-                    spec, ainfo = allocate(net, cx, cy, budget=budget, method=m, candidates=candidates, eps=eps_v,
-                                           seed=seed, attack_steps=b.calib_steps,
+                    spec, ainfo = allocate(net, cx, cy, budget=budget, method=m, candidates=candidates, clips=clips_l,
+                                           eps=eps_v, seed=seed, attack_steps=b.calib_steps,
                                            hutchinson_samples=b.hutchinson_samples)
                     costs.setdefault((p, m), ainfo["costs"])
+                    ratios.setdefault(p, ainfo["ratios"])
                     q = quantize(net, spec).eval()
                     res, mask = _standard(q, x, y, eps_v, b, seed)
                     masks[p, budget, m] = mask
-                    part2.append({"parent": p, "budget": budget, "method": m, "bits": ainfo["bits"],
-                                  "average_bits": ainfo["average_bits"],
-                                  "size_bits": size_totals(describe(q))["size_bits"], **res})
+                    row = {"parent": p, "budget": budget, "method": m, "bits": ainfo["bits"], "clip": ainfo["clip"],
+                           "clip_ratio": ainfo["clip_ratio"], "average_bits": ainfo["average_bits"],
+                           "size_bits": size_totals(describe(q))["size_bits"], **res}
+                    if qat_obj is not None:
+                        log.info("%s parent, %s allocation at %g bits: %d-epoch %s fine-tune", PARENT_NAMES[p], m,
+                                 budget, qat_epochs, qat_objective)
+                        ft = ctx.fit(f"qat-{p}-{budget:g}-{m}", quantize(net, spec), train, objective=qat_obj,
+                                     config=qat_cfg, metadata={"dataset": dataset, "study": "layerwise", "parent": p,
+                                                               "allocation": m, "budget": budget}).model
+                        row["qat"], qat_masks[p, budget, m] = _standard(ft, x, y, eps_v, b, seed)
+                    part2.append(row)
         sizes = next(iter(costs.values())) if costs else {}
-        c2_points = []
+        c2_points, c2_qat = [], []
         if "lipschitz" in methods_l:
             for p in PARENTS:
                 for budget in budgets_l:
                     for base in (m for m in BASELINES if m in methods_l):
-                        t = paired_test(masks[p, budget, "lipschitz"], masks[p, budget, base])
                         lip = next(r for r in part2 if (r["parent"], r["budget"], r["method"]) == (p, budget,
                                                                                                   "lipschitz"))
                         ref = next(r for r in part2 if (r["parent"], r["budget"], r["method"]) == (p, budget, base))
+                        t = paired_test(masks[p, budget, "lipschitz"], masks[p, budget, base])
                         c2_points.append({"parent": p, "budget": budget, "baseline": base, "lipschitz": lip["worst"],
                                           "other": ref["worst"], "holds": t["only_a"] > t["only_b"], **t})
+                        if qat_masks:
+                            t = paired_test(qat_masks[p, budget, "lipschitz"], qat_masks[p, budget, base])
+                            c2_qat.append({"parent": p, "budget": budget, "baseline": base,
+                                           "lipschitz": lip["qat"]["worst"], "other": ref["qat"]["worst"],
+                                           "holds": t["only_a"] > t["only_b"], **t})
 
         # ---------------------------------------------------------------- consistency
         consistency: dict[str, Any] = {}
         for p, net in parents.items():
-            base_loss = _adv_loss(net, x, y, eps_v, b.consistency_steps, seed)
+            xc, yc = x[:b.consistency_images], y[:b.consistency_images]
+            base_loss = _adv_loss(net, xc, yc, eps_v, b.consistency_steps, seed)
             settings = []
             for layer in sizes:
-                for bb in sorted(candidates):
-                    spec = QuantSpec(weight_bits=32, act_bits=32, overrides={layer: {"weight_bits": bb}})
-                    q = quantize(net, spec).eval()
-                    settings.append({"layer": layer, "bits": bb,
-                                     "loss_increase": _adv_loss(q, x, y, eps_v, b.consistency_steps, seed) - base_loss})
+                for key in sizes[layer]:
+                    bb, clip = parse_setting(key)
+                    r = ratios[p][layer][key]
+                    ov = {"weight_bits": bb, **({"weight_clip": r} if r != 1.0 else {})}
+                    q = quantize(net, QuantSpec(weight_bits=32, act_bits=32, overrides={layer: ov})).eval()
+                    settings.append({"layer": layer, "bits": bb, "clip": clip, "clip_ratio": r, "key": key,
+                                     "loss_increase": _adv_loss(q, xc, yc, eps_v, b.consistency_steps, seed)
+                                     - base_loss})
             measured = [s["loss_increase"] for s in settings]
             for s in settings:
-                s["cost"] = {m: costs[p, m][s["layer"]][s["bits"]] for m in methods_l if (p, m) in costs}
+                s["cost"] = {m: costs[p, m][s["layer"]][s["key"]] for m in methods_l if (p, m) in costs}
+            criteria = [m for m in methods_l if m not in ("uniform", "random")]
             consistency[p] = {"float_adv_loss": base_loss, "settings": settings,
-                              "spearman": {m: _spearman([s["cost"][m] for s in settings], measured)
-                                           for m in methods_l if m not in ("uniform", "random")}}
+                              "spearman": {m: _spearman([s["cost"][m] for s in settings], measured) for m in criteria},
+                              "clip_agreement": {m: _clip_agreement(settings, m) for m in criteria}
+                              if len(clips_l) > 1 else {}}
 
-        claims = _claims(c1_points, c2_points, consistency)
+        claims = _claims(c1_points, c2_points, consistency, c2_qat)
         return {
             "study": self.name, "format": FORMAT,
             "settings": {"dataset": dataset, "model": model_name, "eps": eps_v, "bits": bits_l, "budgets": budgets_l,
-                         "methods": methods_l, "candidates": sorted(candidates), "n_train": len(train),
+                         "methods": methods_l, "candidates": sorted(candidates), "clips": clips_l,
+                         "qat": {"epochs": qat_epochs, "objective": qat_objective if qat_epochs else None,
+                                 "fit": qat_cfg.to_dict() if qat_epochs else None},
+                         "parents": sources, "n_train": len(train),
                          "n_eval": len(y), "n_calib": len(cy), "fit": cfg.to_dict(), "quick": ctx.quick,
                          "seed": seed, "threads": ctx.threads, "budget": dataclasses.asdict(b),
                          "layers": {n: int(v) for n, v in _layer_sizes(parents["natural"]).items()}},
@@ -325,7 +432,8 @@ def _layer_sizes(model: nn.Module) -> dict[str, int]:
 
 
 # ============================================================================================ claims
-def _claims(c1: list[dict[str, Any]], c2: list[dict[str, Any]], cons: Mapping[str, Any]) -> dict[str, Any]:
+def _claims(c1: list[dict[str, Any]], c2: list[dict[str, Any]], cons: Mapping[str, Any],
+            c2_qat: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     rhos = {p: c["spearman"].get("lipschitz") for p, c in cons.items()}
     # a parent counts for claim 3 only where ρ is positive *and* significant: ρ = +0.02 (p = 0.9) is no ranking
     sig3 = [r["rho"] is not None and r["rho"] > 0 and r["p"] is not None and r["p"] < ALPHA
@@ -335,7 +443,9 @@ def _claims(c1: list[dict[str, Any]], c2: list[dict[str, Any]], cons: Mapping[st
         "1": {"claim": "an adversarially trained model loses more robust accuracy to post-training quantization",
               "points": c1, "verdict": verdict([(c["holds"], c["holds"] and significant(c)) for c in c1])},
         "2": {"claim": "Lipschitz allocation beats uniform, HAWQ and random at equal budget on robust accuracy",
-              "points": c2, "verdict": verdict([(c["holds"], significant(c)) for c in c2])},
+              "points": c2, "verdict": verdict([(c["holds"], significant(c)) for c in c2]),
+              "qat_points": c2_qat or [],
+              "qat_verdict": verdict([(c["holds"], significant(c)) for c in c2_qat]) if c2_qat else "not measured"},
         "3": {"claim": "the Lipschitz criterion ranks single-layer settings as their measured adversarial loss does",
               "spearman": rhos, "verdict": verdict(pts3) if all(r is not None for r in rhos.values())
               else "not measured"},
@@ -350,10 +460,25 @@ def _drop(v: float) -> str:
 def _report(res: Mapping[str, Any]) -> str:
     s = res["settings"]
     b = s["budget"]
+    qat = s.get("qat") or {}
+    srcs = s.get("parents") or {}
+    loaded = {p: v["checkpoint"] for p, v in srcs.items() if v.get("checkpoint")}
+    if loaded:
+        trained = [PARENT_NAMES[p] for p in PARENTS if p not in loaded]
+        origin = ("Parents from checkpoints: " + "; ".join(f"{PARENT_NAMES[p]} `{v}`" for p, v in loaded.items())
+                  + (f"; {', '.join(trained)} trained here ({s['fit']['epochs']} epochs on {s['n_train']} "
+                     "training images)" if trained else "") + ".")
+    else:
+        origin = (f"Two parents of the same architecture from the same initialisation, {s['fit']['epochs']} epochs "
+                  f"on {s['n_train']} training images: natural (cross-entropy) and PGD-AT ({b['at_steps']} steps, "
+                  f"ε = {s['eps']:.4g}).")
+    cap = (qat.get("fit") or {}).get("max_batches")
+    ft = (f"Part 2 also fine-tunes every allocation for {qat['epochs']} epoch(s)"
+          + (f" of {cap} batches" if cap else "") + f" ({qat['objective']}, lr {qat['fit']['lr']:g}, batch "
+          f"{qat['fit']['batch_size']}) and reports both. Calibration uses " if qat.get("epochs") else
+          "Everything below is **post-training** quantization (no fine-tune); calibration uses ")
     L = [f"# Layer-wise adversarial-aware quantization study — {s['dataset']}, {s['model']}\n",
-         f"Two parents of the same architecture from the same initialisation, {s['fit']['epochs']} epochs on "
-         f"{s['n_train']} training images: natural (cross-entropy) and PGD-AT ({b['at_steps']} steps, ε = "
-         f"{s['eps']:.4g}). Everything below is **post-training** quantization (no fine-tune); calibration uses "
+         f"{origin} {ft}"
          f"{s['n_calib']} training images; evaluation the first {s['n_eval']} test images at L∞ ε = {s['eps']:.4g}. "
          f"Wall time {res['wall_time_s']:.0f} s on {s['threads']} thread(s)"
          f"{' (quick budgets)' if s['quick'] else ''}.\n",
@@ -370,6 +495,11 @@ def _report(res: Mapping[str, Any]) -> str:
     L += md_table(head, rows)
     L.append("\n![part 1](part1.png)\n")
     L.append("## Part 2 — per-layer bit allocation at equal budgets (weights only, activations float)\n")
+    clips = s.get("clips") or ["max"]
+    if clips != ["max"]:
+        L.append(f"Candidate settings per layer: bits {s['candidates']} × clipping rules {clips} (a cell "
+                 "`3·mse` is 3 bits with the grid clipped at the MSE-optimal fraction of max|w|; plain bits = "
+                 "max-|w| grid).\n")
     L.append(f"Worst case = per-sample worst of the standard suite: APGD-CE and APGD-T ({b['apgd_iter']} iterations "
              f"each, straight-through gradients), then Square ({b['square_queries']} queries). The columns per "
              "attack are cumulative (robust after that attack). Float parents: "
@@ -383,22 +513,38 @@ def _report(res: Mapping[str, Any]) -> str:
                 continue
             L.append(f"### {PARENT_NAMES[p]} parent, budget {budget:g} bits\n")
             labels = list(rs[0]["after"])
-            L += md_table(["method", *layers, "avg bits", "size (KiB)", "clean", *labels, "**worst case**"],
-                          [[r["method"], *(r["bits"][n] for n in layers), f"{r['average_bits']:.2f}",
-                            f"{r['size_bits'] / 8192:.2f}", pct(r["clean"]), *(pct(r["after"][k]) for k in labels),
-                            f"**{pct(r['worst'])}**"] for r in rs])
+            has_qat = all("qat" in r for r in rs)
+            head = ["method", *layers, "avg bits", "size (KiB)", "clean", *labels, "**worst case**"]
+            if has_qat:
+                head += ["QAT clean", "**QAT worst case**"]
+            L += md_table(head, [[r["method"], *(_cell(r, n) for n in layers), f"{r['average_bits']:.2f}",
+                                  f"{r['size_bits'] / 8192:.2f}", pct(r["clean"]),
+                                  *(pct(r["after"][k]) for k in labels), f"**{pct(r['worst'])}**",
+                                  *([pct(r["qat"]["clean"]), f"**{pct(r['qat']['worst'])}**"] if has_qat else [])]
+                                 for r in rs])
             L.append("")
     L.append(f"Layer sizes (weights): {', '.join(f'{n} {v:,}' for n, v in s['layers'].items())}.\n")
     L.append("![bits per layer](bits.png)\n")
     L.append("## Consistency of the criteria\n")
-    L.append(f"Every single-layer setting (one layer at b ∈ {s['candidates']} bits, the rest float): the method's "
+    L.append(f"Every single-layer setting (one layer at b ∈ {s['candidates']} bits"
+             + (f", clipping {clips}" if clips != ["max"] else "") + ", the rest float): the method's "
              f"cost against the measured increase of the adversarial loss (mean cross-entropy under "
-             f"PGD-{b['consistency_steps']} on the test images, minus the float parent's; a negative increase means "
+             f"PGD-{b['consistency_steps']} on the "
+             + (f"first {b['consistency_images']} " if b.get("consistency_images") else "")
+             + "test images, minus the float parent's; a negative increase means "
              "PGD with straight-through gradients found weaker examples on the quantized network than on the float "
              "one). Spearman's ρ over all settings (uniform and random have no criterion of their own):\n")
     ms = sorted({m for c in res["consistency"].values() for m in c["spearman"]}, key=list(METHODS).index)
     L += md_table(["parent", *ms], [[PARENT_NAMES[p], *(_rho(c["spearman"][m]) for m in ms)]
                                     for p, c in res["consistency"].items()])
+    if any(c.get("clip_agreement") for c in res["consistency"].values()):
+        any_c = next(c for c in res["consistency"].values() if c.get("clip_agreement"))
+        chance = next(iter(any_c["clip_agreement"].values()))["chance"]
+        L.append(f"\nClip agreement — of the (layer, bits) pairs, how often the method's cheapest clipping rule is "
+                 f"the one with the least measured loss increase (chance {chance:.2f}):\n")
+        L += md_table(["parent", *ms], [[PARENT_NAMES[p], *(
+            f"{c['clip_agreement'][m]['agree']}/{c['clip_agreement'][m]['n']}" for m in ms)]
+            for p, c in res["consistency"].items()])
     L.append("\n![consistency](consistency.png)\n")
     L.append("## Claims\n")
     c = res["claims"]
@@ -409,14 +555,24 @@ def _report(res: Mapping[str, Any]) -> str:
     L.append(f"2. *{c['2']['claim']}* — **{c['2']['verdict']}**. " + ("; ".join(
         f"{PARENT_NAMES[q['parent']]} {q['budget']:g} bits vs {q['baseline']}: {pct(q['lipschitz'])} vs "
         f"{pct(q['other'])} % ({paired_text(q, signed=True)})" for q in c["2"]["points"]) or "not measured") + ".")
+    if c["2"].get("qat_points"):
+        L.append(f"   After the fine-tune — **{c['2']['qat_verdict']}**. " + "; ".join(
+            f"{PARENT_NAMES[q['parent']]} {q['budget']:g} bits vs {q['baseline']}: {pct(q['lipschitz'])} vs "
+            f"{pct(q['other'])} % ({paired_text(q, signed=True)})" for q in c["2"]["qat_points"]) + ".")
     L.append(f"3. *{c['3']['claim']}* — **{c['3']['verdict']}**: "
              + "; ".join(f"{PARENT_NAMES[p]} {_rho(r)}" for p, r in c["3"]["spearman"].items()) + ".")
     n = s["n_eval"]
     L.append(f"\nWith {n} test samples one accuracy has a standard error of about {100 * math.sqrt(0.25 / n):.1f} "
              "points; paired differences are judged by an exact McNemar test at α = 0.05 (a claim is *reproduced* "
-             "when it holds at every point and significantly at one at least). Post-training only: the short "
-             "quantization-aware fine-tune of docs/layerwise.md is not part of this run.\n")
+             "when it holds at every point and significantly at one at least)."
+             + ("" if qat.get("epochs") else " Post-training only: the short quantization-aware fine-tune of "
+                "docs/layerwise.md is not part of this run.") + "\n")
     return "\n".join(L)
+
+
+def _cell(r: Mapping[str, Any], layer: str) -> str:
+    clip = (r.get("clip") or {}).get(layer, "max")
+    return f"{r['bits'][layer]}" if clip == "max" else f"{r['bits'][layer]}·{clip}"
 
 
 def _rho(r: Mapping[str, Any] | None) -> str:
@@ -462,12 +618,14 @@ def _plot_bits(res: Mapping[str, Any]) -> Any:
             w = 0.8 / max(len(rs), 1)
             for k, r in enumerate(rs):
                 ax.bar([li + k * w - 0.4 + w / 2 for li in range(len(layers))], [r["bits"][n] for n in layers],
-                       width=w, color=f"C{k}", label=f"{r['method']} ({pct(r['worst'])} %)")
+                       width=w, color=f"C{k}", label=f"{r['method']} ({pct(r['worst'])} %"
+                       + (f" → QAT {pct(r['qat']['worst'])} %)" if "qat" in r else ")"))
             ax.set_xticks(range(len(layers)), [f"{n}\n{s['layers'][n]:,}" for n in layers], fontsize=7)
             ax.set_yticks([2, 3, 4, 5, 6, 8])
             ax.set_title(f"{PARENT_NAMES[p]} parent, budget {budget:g} bits", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
-            ax.legend(fontsize=6, title="method (worst-case robust)", title_fontsize=6, loc="upper left",
+            ax.legend(fontsize=6, title="method (worst-case robust" + (", post-training → fine-tuned)" if any(
+                "qat" in r for r in rs) else ")"), title_fontsize=6, loc="upper left",
                       ncol=2)
             ax.set_ylim(0, 11.5)
             if j == 0:
@@ -478,22 +636,29 @@ def _plot_bits(res: Mapping[str, Any]) -> Any:
 
 def _plot_consistency(res: Mapping[str, Any]) -> Any:
     cons = res["consistency"]
+    clips = res["settings"].get("clips") or ["max"]
+    markers = dict(zip(clips, "o^sDvP"))
     fig = new_figure((4.5 * len(cons), 3.8))
     axes = fig.subplots(1, len(cons), squeeze=False)
     for ax, (p, c) in zip(axes[0], cons.items()):
         layers = list(dict.fromkeys(s["layer"] for s in c["settings"]))
         for k, layer in enumerate(layers):
-            pts = [s for s in c["settings"] if s["layer"] == layer and "lipschitz" in s["cost"]]
-            ax.scatter([max(s["cost"]["lipschitz"], 1e-12) for s in pts], [s["loss_increase"] for s in pts],
-                       color=f"C{k}", label=layer, s=22)
-            for s in pts:
-                ax.annotate(str(s["bits"]), (max(s["cost"]["lipschitz"], 1e-12), s["loss_increase"]), fontsize=6,
-                            xytext=(3, 2), textcoords="offset points")
+            for clip in clips:
+                pts = [s for s in c["settings"] if s["layer"] == layer and s.get("clip", "max") == clip
+                       and "lipschitz" in s["cost"]]
+                label = layer if len(clips) == 1 else f"{layer}, {clip}"
+                ax.scatter([max(s["cost"]["lipschitz"], 1e-12) for s in pts], [s["loss_increase"] for s in pts],
+                           color=f"C{k}", marker=markers[clip], label=label, s=22)
+                for s in pts:
+                    ax.annotate(str(s["bits"]), (max(s["cost"]["lipschitz"], 1e-12), s["loss_increase"]),
+                                fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("Lipschitz criterion c_l(b) (log)")
         ax.set_ylabel("adversarial loss increase")
         ax.set_title(f"{PARENT_NAMES[p]} parent: {_rho(c['spearman'].get('lipschitz'))}", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="layer (labels: bits)", title_fontsize=7)
+        ax.legend(fontsize=6 if len(clips) > 1 else 7, ncol=1 if len(clips) == 1 else 2,
+                  title="layer (labels: bits)" if len(clips) == 1 else "layer, clip (labels: bits)",
+                  title_fontsize=7)
     fig.tight_layout()
     return fig

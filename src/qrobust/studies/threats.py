@@ -191,6 +191,8 @@ class ThreatModels(Study):
         Option("--eps", "eps255", "L∞ ε on the 0–255 scale (default per dataset)"),
         Option("--float-epochs", "int", "epochs of the float parent (default per dataset)"),
         Option("--lr", "float", "learning rate of the float parent (default per dataset)"),
+        Option("--parent", "str", "the float parent from this checkpoint (not trained here; e.g. a layerwise "
+                                  "study's runs/float-natural)"),
     )
 
     def run(
@@ -208,6 +210,7 @@ class ThreatModels(Study):
         n_eval: int | None = None,
         n_train: int | None = None,
         bf16: bool = False,
+        parent: str | Path | None = None,
     ) -> dict[str, Any]:
         """See :func:`run_threats_study`."""
         budget, seed = ctx.budget, ctx.seed
@@ -238,12 +241,20 @@ class ThreatModels(Study):
         ft_cfg = dataclasses.replace(float_cfg, epochs=epochs or d["epochs"], lr=d["ft_lr"])
 
         # ---- the family: one float parent, a quantization-aware fine-tuned copy per bit-width
-        torch.manual_seed(seed)
-        c, h, _ = info.input_shape
-        net = build_model(model_name, num_classes=info.num_classes, in_channels=c, input_size=h, activation="relu6",
-                          mean=list(info.mean), std=list(info.std))
+        if parent is not None and not Path(parent).exists():
+            raise ConfigError(f"--parent {parent} does not exist: give a checkpoint file or run folder")
+
+        def build() -> nn.Module:
+            torch.manual_seed(seed)
+            c, h, _ = info.input_shape
+            return build_model(model_name, num_classes=info.num_classes, in_channels=c, input_size=h,
+                               activation="relu6", mean=list(info.mean), std=list(info.std))
+
         meta = {"dataset": dataset, "study": "threats"}
-        parent = ctx.fit("float", net, train, objective="ce", config=float_cfg, metadata=meta).model
+        parent_ckpt = parent
+        parent, parent_source = ctx.parent("float", parent_ckpt, build, train, objective="ce", config=float_cfg,
+                                           dataset=dataset, model=model, metadata=meta)
+        model_name = parent_source.get("model") or model_name
         models: dict[str, nn.Module] = {"float": parent}
         for b in qbits:
             log.info("fine-tuning %s from the float parent", specs[b])
@@ -320,7 +331,8 @@ class ThreatModels(Study):
             "format": FORMAT,
             "settings": {"dataset": dataset, "model": model_name, "eps": eps_v, "bits": [32, *qbits],
                          "specs": {_name(b): specs[b] for b in [32, *qbits]}, "float_fit": float_cfg.to_dict(),
-                         "fine_tune_fit": ft_cfg.to_dict(), "n_train": len(train), "n_eval": len(y),
+                         "fine_tune_fit": ft_cfg.to_dict(), "parent": parent_source, "n_train": len(train),
+                         "n_eval": len(y),
                          "quick": ctx.quick, "seed": seed, "threads": ctx.threads,
                          "budget": dataclasses.asdict(budget)},
             "transfer": tm.to_dict(),
@@ -368,8 +380,9 @@ def run_threats_study(**settings: Any) -> dict[str, Any]:
     range), ``float_epochs`` and ``lr`` (the parent), ``epochs`` (each quantization-aware fine-tune and the
     random-precision one) and ``n_eval`` default per dataset (:data:`DATASET_DEFAULTS`); ``n_train`` trains on
     a random subset; ``budget`` overrides attack budgets by name (``{"square_queries": 300, "repeats": 3}``);
-    ``out``, ``quick``, ``resume``, ``seed`` and ``threads`` are the harness's
-    (:func:`~qrobust.studies.harness.run_study`).
+    ``parent`` — a float checkpoint of this dataset to use as the parent instead of training one
+    (:meth:`~qrobust.studies.harness.StudyContext.parent`); ``out``, ``quick``, ``resume``, ``seed`` and
+    ``threads`` are the harness's (:func:`~qrobust.studies.harness.run_study`).
     """
     return run_study(STUDY, **settings)
 
@@ -475,8 +488,10 @@ def _report(res: Mapping[str, Any]) -> str:
     s, b = res["settings"], res["settings"]["budget"]
     names = res["transfer"]["names"]
     L = [f"# Threat models across precisions — {s['dataset']}, {s['model']}\n",
-         f"Bernhard, Moëllic & Dutertre (2019) on one float parent (ReLU6, {s['float_fit']['epochs']} epochs, lr "
-         f"{s['float_fit']['lr']:g}) and its quantization-aware copies fine-tuned {s['fine_tune_fit']['epochs']} "
+         "Bernhard, Moëllic & Dutertre (2019) on one float parent ("
+         + (f"from the checkpoint `{s['parent']['checkpoint']}`" if (s.get("parent") or {}).get("checkpoint") else
+            f"ReLU6, {s['float_fit']['epochs']} epochs, lr {s['float_fit']['lr']:g}")
+         + f") and its quantization-aware copies fine-tuned {s['fine_tune_fit']['epochs']} "
          f"epoch(s) at lr {s['fine_tune_fit']['lr']:g}: "
          + ", ".join(f"{n} = `{sp}`" for n, sp in s["specs"].items())
          + f". {s['n_train']} training images; {s['n_eval']} test images under L∞ ε = {s['eps']:.4g} "
