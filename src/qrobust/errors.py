@@ -25,3 +25,8 @@ class DataError(QrobustError):
 
 class CheckpointError(QrobustError):
     """A checkpoint is missing, truncated, corrupt or does not match the model it describes."""
+
+
+class ExportError(QrobustError):
+    """A model cannot be exported as asked (an op or scheme without an integer form), or the export does not
+    compute the function it was exported from (its agreement fell below the threshold)."""

@@ -1,0 +1,28 @@
+"""The verified model as it ships: an integer ONNX graph run by onnxruntime, a packed low-bit checkpoint, and
+the proof that each computes the function that was verified (docs/deploy.md).
+
+>>> from qrobust.export import to_onnx, save_packed, load_packed, DeployedModel   # doctest: +SKIP
+"""
+
+from qrobust.export.graph import (
+    DEFAULT_MIN_AGREEMENT,
+    ExportResult,
+    measure_agreement,
+    onnx_session,
+    read_onnx_metadata,
+    sidecar_path,
+    to_onnx,
+)
+from qrobust.export.integers import WeightCodes, weight_codes
+
+__all__ = [
+    "DEFAULT_MIN_AGREEMENT",
+    "ExportResult",
+    "WeightCodes",
+    "measure_agreement",
+    "onnx_session",
+    "read_onnx_metadata",
+    "sidecar_path",
+    "to_onnx",
+    "weight_codes",
+]
