@@ -352,6 +352,9 @@ def load(
     """
     tensors, meta = read_tensors(path)
     source = str(resolve_checkpoint(path))
+    if meta.get("packed"):
+        raise CheckpointError(f"{source} is a packed low-bit checkpoint (weights at their bit-widths): load it with "
+                              "qrobust.export.load_packed(path)")
     net = build_from_meta(meta) if model is None else _into_skeleton(model, meta, source)
     # epoch checkpoints also carry optimizer/RNG state under "__…" keys: not part of the model
     weights = {k: v for k, v in tensors.items() if not k.startswith("__")}

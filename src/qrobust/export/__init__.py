@@ -14,6 +14,7 @@ from qrobust.export.graph import (
     to_onnx,
 )
 from qrobust.export.integers import WeightCodes, weight_codes
+from qrobust.export.packed import load_packed, pack_bits, packed_size_report, save_packed, unpack_bits
 
 __all__ = [
     "DEFAULT_MIN_AGREEMENT",
@@ -25,4 +26,9 @@ __all__ = [
     "sidecar_path",
     "to_onnx",
     "weight_codes",
+    "load_packed",
+    "pack_bits",
+    "packed_size_report",
+    "save_packed",
+    "unpack_bits",
 ]
