@@ -34,6 +34,7 @@ from qrobust.data import available_datasets, load_dataset
 from qrobust.defenses import OverfitGuard, make_objective
 from qrobust.errors import ConfigError, QrobustError
 from qrobust.evaluation import evaluate
+from qrobust.export import format_onnx_description, load_packed, read_onnx_metadata, save_packed, to_onnx
 from qrobust.models import build_model
 from qrobust.quant import QuantSpec, describe, format_description, is_quantized, quantize, size_totals
 from qrobust.report import save_adversarial_examples
@@ -314,7 +315,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_export(path: Path) -> bool:
+    """``describe`` of an export (an ONNX file or a packed checkpoint); False for a plain checkpoint."""
+    if path.suffix.lower() == ".onnx":
+        print(f"{path}: ONNX export")
+        print(format_onnx_description(read_onnx_metadata(path)))
+        return True
+    if path.is_file() and checkpoint.read_metadata(path).get("packed"):
+        model = load_packed(path)
+        totals = size_totals(describe(model))
+        size = path.stat().st_size
+        print(f"{path}: packed low-bit checkpoint, {model.qrobust_meta['arch']['name']} "
+              f"spec={model.qrobust_spec.get('name')}")
+        print(f"  size on disk: {size:,} bytes vs {totals['float_bits'] / 8:,.0f} bytes of float32 parameters "
+              f"({totals['float_bits'] / 8 / size:.2f}x smaller)")
+        print(format_description(describe(model)))
+        return True
+    return False
+
+
 def cmd_describe(args: argparse.Namespace) -> int:
+    if _describe_export(Path(args.checkpoint)):
+        return 0
     model = checkpoint.load(args.checkpoint)
     meta = model.qrobust_meta
     print(f"{args.checkpoint}: {meta['arch']['name']}  spec={meta.get('spec') and meta['spec'].get('name')}")
@@ -335,6 +357,38 @@ def cmd_describe(args: argparse.Namespace) -> int:
     if hist and "test_acc" in hist[-1]:
         print(f"  test accuracy: {hist[-1]['test_acc']:.4f} (epoch {hist[-1]['epoch']})")
     print(format_description(describe(model)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"qrobust: --out {out} is a folder: give the file to write (model.onnx, model.safetensors)")
+    check_out(out.parent if str(out.parent) else Path("."))
+    model = checkpoint.load(args.checkpoint)
+    if not is_quantized(model):
+        raise UsageError(f"qrobust: {args.checkpoint} is a float model: export a quantized one (qrobust train "
+                         "--bits …, or qrobust quantize)")
+    user = model.qrobust_meta.get("metadata", {})
+    if args.format == "packed":
+        path = save_packed(model, out, **user, exported_from=str(args.checkpoint))
+        size = path.stat().st_size
+        flt = size_totals(describe(model))["float_bits"] / 8
+        print(f"packed {args.checkpoint} to {path}: {size:,} bytes vs {flt:,.0f} bytes in float32 "
+              f"({flt / size:.2f}x smaller)")
+        return 0
+    args.dataset = args.dataset or user.get("dataset")
+    if not args.dataset:
+        raise UsageError("qrobust: the checkpoint does not name its dataset: pass --dataset (the agreement check "
+                         "needs its images)")
+    ds = load_data(args, "test")
+    check_model_fits(model, ds.info, f"checkpoint {args.checkpoint}")
+    x, _ = ds.tensors(n=args.calib)
+    src = {"checkpoint": str(args.checkpoint), "sha256": model.qrobust_meta.get("sha256"), "dataset": args.dataset}
+    res = to_onnx(model, out, calib=x, source=src)
+    a = res.info["agreement"]
+    print(f"exported {args.checkpoint} to {res.path} ({res.info['onnx_bytes']:,} bytes): agrees with the fake-quant "
+          f"model on {a['agreement']:.2%} of {a['n']} {args.dataset} test images; metadata also in {res.sidecar}")
     return 0
 
 
@@ -950,9 +1004,22 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-BITS)")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("describe", help="per-layer quantization table of a checkpoint")
-    s.add_argument("checkpoint", help="checkpoint file, run folder or zoo:NAME")
+    s = sub.add_parser("describe", help="per-layer quantization table of a checkpoint or an export")
+    s.add_argument("checkpoint", help="checkpoint file, run folder or zoo:NAME; an exported model.onnx or a packed "
+                   "checkpoint")
     s.set_defaults(func=cmd_describe)
+
+    ex = sub.add_parser("export", help="the quantized model as it ships: an ONNX integer graph or a packed checkpoint",
+                        description="Export a quantized checkpoint (docs/deploy.md): --format onnx writes a QDQ "
+                        "graph run by onnxruntime, checked against the fake-quant model on --calib test images "
+                        "(refused below 99%% agreement); --format packed writes the weights at their bit-widths.")
+    ex.add_argument("checkpoint", help="quantized checkpoint file or run folder")
+    ex.add_argument("--format", choices=["onnx", "packed"], default="onnx", help="(default: %(default)s)")
+    ex.add_argument("--out", required=True, help="file to write (model.onnx; model.safetensors for packed)")
+    ex.add_argument("--calib", type=_positive_int, default=1000,
+                    help="onnx: test images the agreement is measured on (default: %(default)s)")
+    _add_data_args(ex, default=None)
+    ex.set_defaults(func=cmd_export)
 
     qz = sub.add_parser("quantize", help="per-layer weight bits under a size budget; saves the quantized model",
                         description="Allocate per-layer weight bit-widths of a float checkpoint under a budget of "

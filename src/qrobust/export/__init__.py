@@ -7,6 +7,7 @@ the proof that each computes the function that was verified (docs/deploy.md).
 from qrobust.export.graph import (
     DEFAULT_MIN_AGREEMENT,
     ExportResult,
+    format_onnx_description,
     measure_agreement,
     onnx_session,
     read_onnx_metadata,
@@ -19,6 +20,7 @@ from qrobust.export.packed import load_packed, pack_bits, packed_size_report, sa
 __all__ = [
     "DEFAULT_MIN_AGREEMENT",
     "ExportResult",
+    "format_onnx_description",
     "WeightCodes",
     "measure_agreement",
     "onnx_session",

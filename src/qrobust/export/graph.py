@@ -71,7 +71,10 @@ from qrobust.quant.sites import trace
 from qrobust.utils import atomic_write_bytes, atomic_write_text, eval_mode
 from qrobust.validation import check_choice
 
-__all__ = ["DEFAULT_MIN_AGREEMENT", "FORMAT", "ExportResult", "onnx_session", "read_onnx_metadata", "to_onnx"]
+__all__ = [
+    "DEFAULT_MIN_AGREEMENT", "FORMAT", "ExportResult", "format_onnx_description", "measure_agreement", "onnx_session",
+    "read_onnx_metadata", "sidecar_path", "to_onnx",
+]
 
 log = logging.getLogger(__name__)
 
@@ -660,3 +663,34 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
             return info
     raise ExportError(f"{path} is an ONNX file but not a qrobust export (no {METADATA_KEY!r} metadata); export "
                       "with qrobust export CKPT --format onnx")
+
+
+def format_onnx_description(info: dict[str, Any]) -> str:
+    """A plain-text account of an export: size on disk vs float32, per-layer bits and storage, agreement."""
+    size = info.get("onnx_bytes")
+    flt = info.get("float_size_bits", 0) / 8
+    lines = [f"format {info.get('format')} (opset {info.get('opset')}), {(info.get('arch') or {}).get('name', '?')} "
+             f"spec={(info.get('spec') or {}).get('name')}"]
+    src = info.get("source") or {}
+    if src.get("checkpoint"):
+        lines.append(f"  exported from: {src['checkpoint']} (weights sha256 {str(src.get('sha256', ''))[:12]}…)")
+    if size:
+        lines.append(f"  size on disk: {size:,} bytes vs {flt:,.0f} bytes of float32 parameters "
+                     f"({flt / size:.2f}x smaller); the bits alone would take "
+                     f"{info.get('simulated_size_bits', 0) / 8:,.0f} bytes (qrobust export --format packed)")
+    a = info.get("agreement") or {}
+    if a:
+        lines.append(f"  agreement with the fake-quant model: {a['agreement']:.2%} of {a['n']} predictions "
+                     f"({a['disagreements']} differ), logits |Δ| mean {a['mean_abs_logit_diff']:.3g} max "
+                     f"{a['max_abs_logit_diff']:.3g} (refused below {a.get('min_agreement', 0):.2%})")
+    header = ("layer", "op", "w bits", "a bits", "scheme", "storage", "BN folded")
+    body = [(r["name"], r["op"], str(r.get("weight_bits", "-")), str(r.get("act_bits", "-")), r.get("scheme", "-"),
+             r.get("storage", "-"), r.get("batchnorm_folded") or "-") for r in info.get("layers", [])]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    for row in (header, tuple("-" * w for w in widths), *body):
+        lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    if info.get("low_bit_storage"):
+        lines.append(f"  note: {info['low_bit_storage']}")
+    if info.get("float_layers"):
+        lines.append(f"  float in the graph (the spec leaves them at 32 bits): {', '.join(info['float_layers'])}")
+    return "\n".join(lines)

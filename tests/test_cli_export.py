@@ -1,0 +1,67 @@
+"""qrobust export / describe of an export / eval of an exported model, on the embedded digits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="the deploy extra (onnxruntime) is not installed: pip install -e '.[deploy]'")
+
+from qrobust import checkpoint  # noqa: E402
+from qrobust.cli import main  # noqa: E402
+from qrobust.data import load_dataset  # noqa: E402
+from qrobust.models import build_model  # noqa: E402
+from qrobust.quant import quantize  # noqa: E402
+from qrobust.training import fit  # noqa: E402
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    train = load_dataset("digits", "train")
+    model = build_model("digits_cnn", in_channels=1, input_size=8)
+    fit(model, train, epochs=3, lr=0.05, batch_size=64, seed=0)
+    checkpoint.save(model, root / "float.safetensors", dataset="digits")
+    q = quantize(model, "w4a4", calibrate=train.tensors(256)[0])
+    checkpoint.save(q, root / "w4a4.safetensors", dataset="digits")
+    return root
+
+
+def test_export_onnx_and_describe(capsys, ckpts, tmp_path):
+    code, out, err = _run(capsys, "export", ckpts / "w4a4.safetensors", "--out", tmp_path / "m.onnx", "--calib", 200)
+    assert code == 0, err
+    assert "agrees with the fake-quant model on" in out and "of 200 digits test images" in out
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert meta["agreement"]["n"] == 200 and meta["agreement"]["agreement"] >= 0.99
+    assert meta["source"]["checkpoint"].endswith("w4a4.safetensors")
+    code, out, err = _run(capsys, "describe", tmp_path / "m.onnx")
+    assert code == 0, err
+    assert "size on disk" in out and "x smaller" in out and "agreement with the fake-quant model" in out
+    assert out.count("uint8 (0…15 by Clip)") == 3 and "held in int8/uint8 tensors" in out
+
+
+def test_export_packed_and_describe(capsys, ckpts, tmp_path):
+    code, out, err = _run(capsys, "export", ckpts / "w4a4.safetensors", "--format", "packed",
+                          "--out", tmp_path / "p.safetensors")
+    assert code == 0, err
+    size = (tmp_path / "p.safetensors").stat().st_size
+    assert f"{size:,} bytes" in out and size < 0.2 * (ckpts / "w4a4.safetensors").stat().st_size
+    code, out, err = _run(capsys, "describe", tmp_path / "p.safetensors")
+    assert code == 0 and "packed low-bit checkpoint" in out
+
+
+def test_export_refuses_float_models_and_folders(capsys, ckpts, tmp_path):
+    code, _, err = _run(capsys, "export", ckpts / "float.safetensors", "--out", tmp_path / "f.onnx")
+    assert code == 2 and "float model" in err and err.count("\n") == 1
+    code, _, err = _run(capsys, "export", ckpts / "w4a4.safetensors", "--out", tmp_path)
+    assert code == 2 and "is a folder" in err
+    assert list(tmp_path.iterdir()) == []
