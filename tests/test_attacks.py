@@ -19,6 +19,7 @@ from qrobust.attacks import (
     ATTACKS,
     BIM,
     CW,
+    DIVA,
     FGSM,
     MIFGSM,
     PGD,
@@ -876,10 +877,10 @@ def test_early_stopping_costs_less_and_loses_nothing(case, mlp, digits):
 # ------------------------------------------------------------------------------------- the registry
 def test_registry_and_factory(cnn, mlp, digits):
     assert set(ATTACKS) == {"fgsm", "rfgsm", "bim", "pgd", "pgdl2", "mifgsm", "cw", "cwlinf", "apgd-ce",
-                            "apgd-dlr", "apgd-t", "square", "square-l2", "spsa", "transfer", "pgd++"}
+                            "apgd-dlr", "apgd-t", "square", "square-l2", "spsa", "transfer", "pgd++", "diva"}
     x, y = digits[2][:8], digits[3][:8]
     for name in ATTACKS:
-        extra = {"source": mlp} if name == "transfer" else {}
+        extra = {"source": mlp} if name == "transfer" else {"twin": mlp} if name == "diva" else {}
         atk = make_attack(name.upper(), cnn, **extra)
         assert isinstance(atk, ATTACKS[name]) and atk.name == name
         assert atk.config()["attack"] == name
@@ -911,12 +912,13 @@ FACTS: dict[type, tuple[bool, bool, bool, str | None, bool]] = {
     SPSA: (True, False, True, None, False),
     Transfer: (True, False, True, None, False),
     PGDpp: (False, False, True, None, True),
+    DIVA: (True, False, False, None, True),
 }
 FACT_NAMES = ("black_box", "single_step", "supports_targeted", "diagnostic_role", "steps_in_label")
 #: registry name → whether an attack built with the defaults draws random numbers
 RANDOMIZED = {"fgsm": False, "rfgsm": True, "bim": False, "pgd": True, "pgdl2": True, "mifgsm": False,
               "cw": False, "cwlinf": True, "apgd-ce": True, "apgd-dlr": True, "apgd-t": True, "square": True,
-              "square-l2": True, "spsa": True, "transfer": True, "pgd++": True}
+              "square-l2": True, "spsa": True, "transfer": True, "pgd++": True, "diva": False}
 
 
 def test_every_registered_attack_declares_its_class_facts():
@@ -931,7 +933,7 @@ def test_every_registered_attack_declares_its_class_facts():
 def test_instances_never_overwrite_class_facts(cnn, mlp):
     assert set(RANDOMIZED) == set(ATTACKS)
     for name in ATTACKS:
-        extra = {"source": mlp} if name == "transfer" else {}
+        extra = {"source": mlp} if name == "transfer" else {"twin": mlp} if name == "diva" else {}
         atk = make_attack(name, cnn, **extra)
         assert not {"name", "randomized", *FACT_NAMES} & set(vars(atk)), name
         assert atk.randomized is RANDOMIZED[name], name

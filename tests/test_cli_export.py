@@ -65,3 +65,18 @@ def test_export_refuses_float_models_and_folders(capsys, ckpts, tmp_path):
     code, _, err = _run(capsys, "export", ckpts / "w4a4.safetensors", "--out", tmp_path)
     assert code == 2 and "is a folder" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_of_an_onnx_export_reverifies_it(capsys, ckpts, tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    assert _run(capsys, "export", ckpts / "w4a4.safetensors", "--out", onnx_path)[0] == 0
+    code, out, err = _run(capsys, "eval", onnx_path, "--n", 30, "--n-queries", 30, "--parent",
+                          ckpts / "float.safetensors", "--out", tmp_path / "rv")
+    assert code == 0, err
+    assert "deployed" in out and "simulated" in out and "report:" in out
+    md = (tmp_path / "rv" / "deployed.md").read_text()
+    assert all(a in md for a in ("square", "spsa", "transfer-pgd[twin,ste]", "diva[parent]", "worst case"))
+    code, _, err = _run(capsys, "eval", onnx_path, "--twin", ckpts / "float.safetensors", "--out", tmp_path / "x")
+    assert code == 1 and "not the checkpoint" in err
+    code, _, err = _run(capsys, "eval", onnx_path, "--suite", "quick")
+    assert code == 2 and "re-verification suite" in err

@@ -33,8 +33,16 @@ from qrobust.checkpoint import check_fits as check_model_fits
 from qrobust.data import available_datasets, load_dataset
 from qrobust.defenses import OverfitGuard, make_objective
 from qrobust.errors import ConfigError, QrobustError
-from qrobust.evaluation import evaluate
-from qrobust.export import format_onnx_description, load_packed, read_onnx_metadata, save_packed, to_onnx
+from qrobust.evaluation import evaluate, reverify
+from qrobust.export import (
+    DeployedModel,
+    format_onnx_description,
+    load_packed,
+    load_twin,
+    read_onnx_metadata,
+    save_packed,
+    to_onnx,
+)
 from qrobust.models import build_model
 from qrobust.quant import QuantSpec, describe, format_description, is_quantized, quantize, size_totals
 from qrobust.report import save_adversarial_examples
@@ -384,7 +392,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     ds = load_data(args, "test")
     check_model_fits(model, ds.info, f"checkpoint {args.checkpoint}")
     x, _ = ds.tensors(n=args.calib)
-    src = {"checkpoint": str(args.checkpoint), "sha256": model.qrobust_meta.get("sha256"), "dataset": args.dataset}
+    src = {"checkpoint": str(args.checkpoint), "sha256": model.qrobust_meta.get("sha256"),
+           "header_sha256": model.qrobust_meta.get("header_sha256"), "dataset": args.dataset}
     res = to_onnx(model, out, calib=x, source=src)
     a = res.info["agreement"]
     print(f"exported {args.checkpoint} to {res.path} ({res.info['onnx_bytes']:,} bytes): agrees with the fake-quant "
@@ -500,7 +509,37 @@ def _out_stem(ckpt: str) -> str:
     return ckpt[len(zoo.PREFIX):] if zoo.is_zoo_name(ckpt) else Path(ckpt).with_suffix("").as_posix()
 
 
+def cmd_eval_deployed(args: argparse.Namespace) -> int:
+    """``qrobust eval model.onnx``: the re-verification suite on the deployed graph and on its twin."""
+    out = check_out(Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "-reverify"))
+    if args.suite != "standard" or args.attack_options or args.resume or args.gradients != "ste":
+        raise UsageError("qrobust: eval of an ONNX export runs the re-verification suite (square, spsa, transfer from "
+                         "the fake-quant twin, diva) on the graph and on its twin: --suite, --attack-options, "
+                         "--gradients and --resume do not apply; set --n-queries, --n, --eps")
+    given_eps = None if args.eps is None else parse_eps(args.eps, args.norm)
+    if args.norm != "Linf":
+        raise UsageError("qrobust: the re-verification suite is L∞ (SPSA and DIVA are): use --norm Linf")
+    deployed = DeployedModel(args.checkpoint)
+    twin = load_twin(deployed, args.twin)
+    parent = checkpoint.load(args.parent) if args.parent else None
+    data, dataset = _eval_data(args, deployed)
+    eps = _eps_for(args, dataset, given_eps)
+    comparison = reverify(deployed, twin, data, eps=eps, parent=parent, n_queries=args.n_queries or 1000,
+                          seed=args.seed, batch_size=args.batch_size, model_name=str(args.checkpoint),
+                          dataset=dataset)
+    comparison.save(out)
+    print(comparison.summary())
+    for flag in comparison.flags:
+        print(f"  gap: {flag}")
+    print(f"report: {out / 'deployed.md'}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if str(args.checkpoint).lower().endswith(".onnx"):
+        return cmd_eval_deployed(args)
+    if args.twin:
+        raise UsageError("qrobust: --twin is for evaluating an ONNX export (model.onnx)")
     with process_group() as (rank, world):  # under torchrun: the ranks share the work, rank 0 writes
         return _cmd_eval(args, rank, world)
 
@@ -1073,7 +1112,8 @@ def make_parser() -> argparse.ArgumentParser:
     eps_help = (f"ε; L∞: {EPS_RULE}; L2: the norm of [0, 1] pixels (default: the dataset's customary ε — L∞: "
                 "digits 0.1, MNIST 0.3, Fashion-MNIST 0.1, CIFAR-10/SVHN 8/255; L2: MNIST 2, CIFAR-10 0.5)")
 
-    e = sub.add_parser("eval", help="robustness report of a checkpoint (attacks, worst case, diagnostics)")
+    e = sub.add_parser("eval", help="robustness report of a checkpoint (attacks, worst case, diagnostics), or of an "
+                       "ONNX export side by side with its fake-quant twin")
     _attack_target_args(e)
     e.add_argument("--suite", default="standard",
                    help="quick | standard | quantized (default: %(default)s, as for qrobust.evaluate)")
@@ -1089,7 +1129,10 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"continue an interrupted evaluation from OUT/{EVAL_STATE} (progress is recorded after every batch)",
     )
-    e.add_argument("--parent", default=None, help="float parent checkpoint (transfer attack in the quantized suite)")
+    e.add_argument("--parent", default=None, help="float parent checkpoint (transfer attack in the quantized suite; "
+                   "DIVA's reference for an ONNX export)")
+    e.add_argument("--twin", default=None, help="model.onnx: its fake-quant checkpoint (default: the one recorded in "
+                   "the export)")
     e.add_argument("--n-queries", type=_positive_int, default=None, help="Square's query budget (default 5000)")
     e.add_argument("--batch-size", type=_positive_int, default=256)
     e.add_argument("--no-diagnostics", action="store_true", help="skip the gradient-masking checks")

@@ -23,6 +23,7 @@ from qrobust.attacks.base import Attack, lp_norm, project
 from qrobust.attacks.bim import BIM
 from qrobust.attacks.cw import CW
 from qrobust.attacks.cwlinf import CWLinf
+from qrobust.attacks.diva import DIVA
 from qrobust.attacks.external import External, is_foreign_attack
 from qrobust.attacks.fgsm import FGSM
 from qrobust.attacks.mifgsm import MIFGSM
@@ -53,6 +54,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "square-l2": Square,
     "spsa": SPSA,
     "transfer": Transfer,
+    "diva": DIVA,
 }
 
 #: the settings a name implies on top of its class's defaults
@@ -84,6 +86,6 @@ __all__ = [
     "PGDpp",
     "External",
     "is_foreign_attack",
-    "APGD", "APGDT", "ATTACKS", "BIM", "CW", "CWLinf", "FGSM", "MIFGSM", "PGD", "PGDL2", "PRESETS", "RFGSM",
+    "APGD", "APGDT", "ATTACKS", "BIM", "CW", "CWLinf", "DIVA", "FGSM", "MIFGSM", "PGD", "PGDL2", "PRESETS", "RFGSM",
     "SPSA", "Attack", "Square", "Transfer", "available_attacks", "lp_norm", "make_attack", "project",
 ]

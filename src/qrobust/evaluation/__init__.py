@@ -57,6 +57,7 @@ suite's own PGD entry says otherwise. Which attacks count as black-box there is 
 declares (:attr:`~qrobust.attacks.Attack.black_box`), unless a suite entry says ``"black_box"``.
 """
 
+from qrobust.evaluation.deployed import DeployedComparison, deployed_suite, reverify
 from qrobust.evaluation.results import FORMAT, AttackResult, EpsResult, RobustnessReport
 from qrobust.evaluation.runner import THREAT_MODELS, evaluate
 from qrobust.evaluation.suites import SUITES, SuiteEntry, suite_entries
@@ -66,9 +67,12 @@ __all__ = [
     "SUITES",
     "THREAT_MODELS",
     "AttackResult",
+    "DeployedComparison",
     "EpsResult",
     "RobustnessReport",
     "SuiteEntry",
+    "deployed_suite",
     "evaluate",
+    "reverify",
     "suite_entries",
 ]

@@ -4,6 +4,7 @@ the proof that each computes the function that was verified (docs/deploy.md).
 >>> from qrobust.export import to_onnx, save_packed, load_packed, DeployedModel   # doctest: +SKIP
 """
 
+from qrobust.export.deployed import DeployedModel, load_twin
 from qrobust.export.graph import (
     DEFAULT_MIN_AGREEMENT,
     ExportResult,
@@ -19,6 +20,8 @@ from qrobust.export.packed import load_packed, pack_bits, packed_size_report, sa
 
 __all__ = [
     "DEFAULT_MIN_AGREEMENT",
+    "DeployedModel",
+    "load_twin",
     "ExportResult",
     "format_onnx_description",
     "WeightCodes",
