@@ -73,14 +73,20 @@ def test_graph_holds_integer_weights_and_folds_nothing_into_float(digits, tmp_pa
     res = to_onnx(q, tmp_path / "m.onnx", calib=x)
     proto = onnx.load(str(res.path))
     inits = {i.name: i for i in proto.graph.initializer}
-    weights = [i for n, i in inits.items() if ".weight_uint8" in n]
-    assert len(weights) == 4 and all(i.data_type == onnx.TensorProto.UINT8 for i in weights)
+    # after 4-bit activations the weights are int8 (u8·s8 cannot saturate there); the first layer reads the
+    # float image, so its weights are the float32 values of its levels
+    weights = [i for n, i in inits.items() if ".weight_int8" in n]
+    assert len(weights) == 3 and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
+    first = onnx.numpy_helper.to_array(inits[next(n for n in inits if n.startswith("conv1.weight_levels"))])
+    assert torch.equal(torch.from_numpy(first), q.conv1.quantized_weight().detach())
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("QuantizeLinear") >= 3 and "Clip" in ops  # 4-bit activations clipped on the integers
     # the 4-bit weights are the same 15 integers the fake-quant layer used, stretched by 18
-    w = onnx.numpy_helper.to_array(inits[next(n for n in inits if n.startswith("conv2.weight_uint8"))])
-    k = torch.from_numpy(w.astype("int64") - 128)
+    w = onnx.numpy_helper.to_array(inits[next(n for n in inits if n.startswith("conv2.weight_int8"))])
+    k = torch.from_numpy(w.astype("int64"))
     assert set((k // 18).unique().tolist()) <= set(range(-7, 8)) and bool((k % 18 == 0).all())
+    assert torch.equal((k // 18).float(), torch.round(q.conv2.quantized_weight().detach()
+                                                       / (q.conv2.weight.detach().abs().amax((1, 2, 3), True) / 7)))
 
 
 def test_mnist_small_cnn_w8a8_agrees(tmp_path):

@@ -13,10 +13,15 @@
   stored as ``M·k`` with scale ``s/M``, ``M = ⌊127 / max|k|⌋`` (18 at 4 bits, 127 at 2 and 1 bits) — because
   an integer kernel adds the bias on its accumulator's grid ``s_x·s_w`` (int32): unstretched, that rounding
   is half a step of a coarse grid, a large fraction of an activation level at 2 bits (measured on digits:
-  w2a2 agreement 89.7 % unstretched, 99.7 % stretched; binary 86.6 % vs 100 %). And the weights are stored
-  as ``uint8`` ``k + 128`` with zero point 128 by default (``weight_dtype="int8"`` stores ``k`` itself):
-  onnxruntime's u8·s8 kernels on x86 without VNNI sum pairs of products in saturating int16 (its documented
-  "u8s8 overflow"), which cost w8a8 digits 0.6 points of agreement (99.16 % vs 99.72 %); u8·u8 does not.
+  w2a2 agreement 89.7 % unstretched, 99.7 % stretched; binary 86.6 % vs 100 %). The weights are stored
+  as ``int8`` ``k`` where the layer's input has at most 7 bits, and as ``uint8`` ``k + 128`` with zero point
+  128 after 8-bit (or signed) activations: onnxruntime's u8·s8 kernels on x86 without VNNI sum pairs of
+  products in saturating int16 (its documented "u8s8 overflow": 2·255·127 > 2^15), which cost w8a8 digits 0.6
+  points of agreement (99.16 % vs 99.72 %); u8·u8 does not saturate, and 2·127·127 < 2^15 cannot
+  (``weight_dtype=`` forces one). A layer whose input is float — the first, reading the normalised image,
+  which the simulation does not quantize either — has no integer kernel to run on: its weights are stored as
+  the float32 values of their levels, exactly ``k·s`` (what a DequantizeLinear would compute), so that
+  onnxruntime runs its fast float kernels there.
 * **activations** — a ``QuantAct`` ReLU/ReLU6 with clip or PACT range [0, α] at b bits becomes
   ``QuantizeLinear(scale = α/(2^b − 1), zero point 0, uint8)`` → ``DequantizeLinear``; the saturation of
   uint8 is the ReLU. Below 8 bits a ``Clip`` on the *integers* (uint8 0 … 2^b − 1) sits between them: the
@@ -24,7 +29,9 @@
   the log say. A binary (sign) activation is exported exactly, as a comparison —
   ``Where(x ≥ 0, +1, −1)`` — followed by a Q/DQ pair of scale 1 (±1 are integers), so the next layer reads
   integers too.
-* **the rest** — the input ``Normalize`` (``Sub``/``Div``), max-pooling, flatten, slicing and zero padding
+* **the rest** — a max-pool right after an activation quantizer runs before it (max-pooling commutes with a
+  monotone quantizer: the same values, a quarter of them to quantize, onnxruntime's fast float pooling);
+  the input ``Normalize`` (``Sub``/``Div``), other max-pooling, flatten, slicing and zero padding
   (ResNet's option-A shortcut) keep their input's integer grid (a Q/DQ pair with the same scale follows, so
   onnxruntime can run them on integers), additions and average pooling are float, as in the simulation.
   The first convolution reads the normalised float input (the simulation does not quantize it either).
@@ -83,7 +90,7 @@ FORMAT = "qrobust-onnx/1"
 METADATA_KEY = "qrobust"
 #: the agreement (fraction of equal predictions on the calibration images) below which an export is refused
 DEFAULT_MIN_AGREEMENT = 0.99
-WEIGHT_DTYPES = ("uint8", "int8")
+WEIGHT_DTYPES = ("auto", "uint8", "int8")
 INSTALL_HINT = "install the deploy extra: pip install -e '.[deploy]' (onnx and onnxruntime)"
 
 
@@ -202,8 +209,9 @@ class _Exporter:
         self.modules = dict(model.named_modules())
 
     # ---- weights
-    def _weight(self, layer: nn.Module, name: str, fold: torch.Tensor | None) -> tuple[str, torch.Tensor, dict]:
-        """A DequantizeLinear of the int8 weight (scale folded with ``fold``) → (name, scale float64, row)."""
+    def _weight(self, layer: nn.Module, name: str, fold: torch.Tensor | None, x: _Value
+                ) -> tuple[str, torch.Tensor, dict]:
+        """A DequantizeLinear of the 8-bit weight (scale folded with ``fold``) → (name, scale float64, row)."""
         b = self.b
         if isinstance(layer, (QuantConv2d, QuantLinear)) and layer.weight_quant is not None:
             codes = weight_codes(layer, name)
@@ -216,7 +224,13 @@ class _Exporter:
             scale = scale.abs()
             zero = scale == 0
             scale = torch.where(zero, torch.ones_like(scale), scale)  # an all-zero channel: k is 0 there
-            stretch = max(1, 127 // max(-codes.k_min, codes.k_max))  # see STRETCH in the module docstring
+            levels = f"{codes.k_min}…{codes.k_max}" + (" step 2" if codes.stride == 2 else "")
+            if x.grid is None:  # a float input (the first layer): no integer kernel reads it, see the docstring
+                values = k.float() * scale.float().view(shape)  # exactly what DequantizeLinear computes
+                row = {"weight_bits": codes.bits, "scheme": codes.scheme, "levels": levels, "stretch": 1,
+                       "storage": "float32 (its levels k·s exactly: the input is float)", "scales": int(k.shape[0])}
+                return b.const(f"{name}.weight_levels", values.numpy()), torch.empty(0), row
+            stretch = max(1, 127 // max(-codes.k_min, codes.k_max))  # see the module docstring
             k, scale = k * stretch, scale / stretch
             if int(k.min()) < -128 or int(k.max()) > 127:
                 raise ExportError(
@@ -225,7 +239,10 @@ class _Exporter:
                     "and an 8-bit LSQ weight of −128 under a negative BatchNorm γ flips to +128); use "
                     "uniform_per_channel weights at 8 bits"
                 )
-            if self.weight_dtype == "uint8":  # k + 128 with zero point 128 (see the module docstring)
+            dtype = self.weight_dtype
+            if dtype == "auto":  # u8·s8 is safe from int16 saturation when 2·hi·127 < 2^15 (activations ≤ 7 bits)
+                dtype = "int8" if not x.grid.signed and 2 * x.grid.hi * 127 < 2**15 else "uint8"
+            if dtype == "uint8":  # k + 128 with zero point 128 (see the module docstring)
                 w = b.const(f"{name}.weight_uint8", (k.numpy() + 128).astype(np.uint8))
                 z = b.const(f"{name}.weight_zero_point", np.full(k.shape[0], 128, dtype=np.uint8))
             else:
@@ -234,9 +251,8 @@ class _Exporter:
             s = b.const(f"{name}.weight_scale", scale.float().numpy())
             out = b.node("DequantizeLinear", [w, s, z], f"{name}.weight", axis=0)
             row = {"weight_bits": codes.bits, "scheme": codes.scheme,
-                   "storage": "int8" if self.weight_dtype == "int8" else "uint8 (k + 128, zero point 128)",
-                   "levels": f"{codes.k_min}…{codes.k_max}" + (" step 2" if codes.stride == 2 else ""),
-                   "stretch": stretch, "scales": int(k.shape[0])}
+                   "storage": "int8" if dtype == "int8" else "uint8 (k + 128, zero point 128)",
+                   "levels": levels, "stretch": stretch, "scales": int(k.shape[0])}
             return out, scale.float().double(), row
         w = layer.weight.detach().double()
         if fold is not None:
@@ -270,7 +286,7 @@ class _Exporter:
             g, mean, beta = _bn_fold(bn[1], m.out_channels, bn[0])
             fold = g
             bias = ((bias if bias is not None else 0.0) - mean) * g + beta
-        w, scale, row = self._weight(m, name, fold)
+        w, scale, row = self._weight(m, name, fold, x)
         ins = [x.name, w]
         bname = self._bias(bias, x, scale, name)
         if bname is not None:
@@ -284,7 +300,7 @@ class _Exporter:
     def linear(self, node: fx.Node, x: _Value) -> _Value:
         name = str(node.target)
         m = self.modules[name]
-        w, scale, row = self._weight(m, name, None)
+        w, scale, row = self._weight(m, name, None, x)
         ins = [x.name, w]
         bname = self._bias(m.bias.detach().double() if m.bias is not None else None, x, scale, name)
         if bname is not None:
@@ -345,6 +361,18 @@ class _Exporter:
                         and isinstance(self.modules[str(src.target)], nn.Conv2d)):
                     folds[src] = node
         bn_of_conv = {bn: conv for conv, bn in folds.items()}
+        # max-pooling commutes with a monotone activation quantizer (round(clamp(x/s)) never reverses an order),
+        # so a MaxPool right after a QuantAct used only by it runs first, in float, then is quantized: the same
+        # values, a quarter of them to quantize, and onnxruntime's fast float pooling
+        pooled_acts: dict[fx.Node, fx.Node] = {}
+        for node in graph.nodes:
+            if node.op == "call_module" and type(self.modules[str(node.target)]) is nn.MaxPool2d:
+                src = node.args[0]
+                if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                        and isinstance(self.modules[str(src.target)], QuantAct)
+                        and self.modules[str(src.target)].act_quant is not None):
+                    pooled_acts[node] = src
+        deferred = set(pooled_acts.values())
         inputs: list[str] = []
         output: str | None = None
         for node in graph.nodes:
@@ -360,6 +388,12 @@ class _Exporter:
                 if not isinstance(arg, fx.Node):
                     raise ExportError(f"the model must return one logits tensor, it returns {arg!r}")
                 output = env[arg].name
+            elif node.op == "call_module" and node in deferred:
+                continue  # emitted after the MaxPool that follows it
+            elif node.op == "call_module" and node in pooled_acts:
+                act = pooled_acts[node]
+                pool = self._module(node, {**env, act: env[act.args[0]]}, folds, bn_of_conv)
+                env[node] = self.act(act, pool)
             elif node.op == "call_module":
                 env[node] = self._module(node, env, folds, bn_of_conv)
             elif node.op in ("call_function", "call_method"):
@@ -409,9 +443,13 @@ class _Exporter:
             if m.return_indices:
                 raise ExportError(f"max-pool {name!r} returns indices; not mapped")
             ph, pw = _pair(m.padding)
+            attrs: dict[str, Any] = {"dilations": _pair(m.dilation)} if _pair(m.dilation) != [1, 1] else {}
+            if m.ceil_mode:
+                attrs["ceil_mode"] = 1
+            if ph or pw:
+                attrs["pads"] = [ph, pw, ph, pw]
             out = b.node("MaxPool", [x.name], name, kernel_shape=_pair(m.kernel_size),
-                         strides=_pair(m.stride if m.stride is not None else m.kernel_size),
-                         pads=[ph, pw, ph, pw], dilations=_pair(m.dilation), ceil_mode=int(m.ceil_mode))
+                         strides=_pair(m.stride if m.stride is not None else m.kernel_size), **attrs)
             return b.keep_grid(out, x, f"{name}.grid")
         if type(m) is nn.AvgPool2d and m.divisor_override is None:
             ph, pw = _pair(m.padding)
@@ -566,7 +604,7 @@ def to_onnx(
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     batch_size: int = 256,
     source: dict[str, Any] | None = None,
-    weight_dtype: str = "uint8",
+    weight_dtype: str = "auto",
 ) -> ExportResult:
     """Export the quantized ``model`` to ``path`` as an ONNX QDQ graph and prove it computes the same function.
 
@@ -576,8 +614,9 @@ def to_onnx(
     ExportError and no file is left. ``example`` — an input batch fixing the image shape (default: calib's).
     ``source`` — what to record about the checkpoint it came from (path, sha256). Writes ``path`` (the
     metadata document under the key ``"qrobust"`` of the model's metadata_props) and the same document as
-    JSON beside it (:func:`sidecar_path`). ``weight_dtype`` — ``"uint8"`` (default: the integers k stored
-    as k + 128 with zero point 128) or ``"int8"`` (k itself; see the module docstring for why not by default).
+    JSON beside it (:func:`sidecar_path`). ``weight_dtype`` — ``"auto"`` (default: ``int8`` where the layer's
+    input has at most 7 bits, ``uint8`` k + 128 with zero point 128 after 8-bit or signed activations),
+    ``"uint8"`` or ``"int8"`` everywhere (see the module docstring).
     Returns an :class:`ExportResult`.
     """
     onnx, _ = require_onnx()

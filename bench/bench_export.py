@@ -1,0 +1,228 @@
+"""Deployment bench: size on disk, agreement, throughput and robustness of exported models (docs/deploy.md).
+
+    python bench/bench_export.py            # ≈ 4–5 min on this 2-core machine, one thread
+    python bench/bench_export.py --quick    # a smoke run (tiny budgets), results not written
+
+* small_cnn on MNIST: a float model (one epoch on 10,000 training images), w8a8 and w4a4 by post-training
+  quantization with calibrated clips; per precision: size on disk (float checkpoint, fake-quant checkpoint,
+  ONNX fp32, ONNX integer, packed), the export's agreement with the fake-quant model on 2,000 test images,
+  test accuracy of each, throughput and the re-verification (Square, SPSA, transfer from the twin, DIVA) of
+  the deployed graph next to its simulation on the same points.
+* ResNet-20 on CIFAR-10 (JPEG): **untrained** (BatchNorm statistics from 512 training images) — throughput
+  does not depend on the weights' values, only the agreement does, so its agreement here is that of a
+  near-tied random network and says little; train one with bench/bench_cifar_resnet20.py for that.
+
+Throughput: images per second at batch 1 and 256 of onnxruntime on the integer graph, onnxruntime on the
+fp32 graph, torch fp32 and torch fake-quant, *interleaved* in one process (each round times every engine once,
+the median of the rounds is reported), one intra-op thread everywhere, so the load of other jobs on the
+machine hits all engines alike. Results: bench/results/export_mnist_small_cnn.json and
+bench/results/export_cifar10_resnet20.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+log = logging.getLogger("bench_export")
+
+
+def _machine() -> dict[str, Any]:
+    import onnxruntime
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "load_average": os.getloadavg()}
+
+
+def _throughput(engines: dict[str, Any], x: torch.Tensor, *, iters: int, rounds: int) -> dict[str, float]:
+    """Median images/s of each engine over ``rounds`` interleaved rounds of ``iters`` calls on batch ``x``."""
+    per: dict[str, list[float]] = {k: [] for k in engines}
+    with torch.no_grad():
+        for fn in engines.values():
+            fn(x)  # warm-up
+        for _ in range(rounds):
+            for name, fn in engines.items():
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn(x)
+                per[name].append(iters * x.shape[0] / (time.perf_counter() - t0))
+    return {k: round(statistics.median(v), 1) for k, v in per.items()}
+
+
+def _accuracy(fn: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        pred = torch.cat([fn(xb).argmax(1) for xb in x.split(256)])
+    return round(float((pred == y).float().mean()), 4)
+
+
+def _engines(fp32: torch.nn.Module, onnx_fp32: Any, quantized: dict[str, tuple[torch.nn.Module, Any]]) -> dict:
+    def ort(session: Any) -> Any:
+        return lambda xb: session.run(["logits"], {"input": xb.numpy()})[0]
+
+    engines = {"onnxruntime fp32": ort(onnx_fp32), "torch fp32": fp32}
+    for spec, (fq, session) in quantized.items():
+        engines[f"onnxruntime int ({spec})"] = ort(session)
+        engines[f"torch fake-quant ({spec})"] = fq
+    return engines
+
+
+def _export_all(model, specs, calib, agree_x, tmp: Path, *, min_agreement: float | None = None):
+    from qrobust import checkpoint
+    from qrobust.export import onnx_session, save_packed, to_onnx
+    from qrobust.quant import quantize
+
+    sizes: dict[str, Any] = {}
+    checkpoint.save(model, tmp / "float.safetensors")
+    sizes["float checkpoint (safetensors)"] = (tmp / "float.safetensors").stat().st_size
+    fp32 = to_onnx(quantize(model, "float"), tmp / "fp32.onnx", calib=agree_x)
+    sizes["onnx fp32"] = fp32.info["onnx_bytes"]
+    out: dict[str, Any] = {}
+    quantized = {}
+    for spec in specs:
+        q = quantize(model, spec, calibrate=calib).eval()
+        kw = {} if min_agreement is None else {"min_agreement": min_agreement}
+        res = to_onnx(q, tmp / f"{spec}.onnx", calib=agree_x, **kw)
+        checkpoint.save(q, tmp / f"{spec}.safetensors")
+        packed = save_packed(q, tmp / f"{spec}.packed.safetensors")
+        out[spec] = {"agreement": res.info["agreement"],
+                     "size_bytes": {"fake-quant checkpoint": (tmp / f"{spec}.safetensors").stat().st_size,
+                                    "onnx integer": res.info["onnx_bytes"], "packed": packed.stat().st_size},
+                     "low_bit_storage": res.info["low_bit_storage"]}
+        quantized[spec] = (q, onnx_session(res.path))
+    return sizes, out, quantized, onnx_session(fp32.path)
+
+
+def bench_mnist(args, tmp: Path) -> dict[str, Any]:
+    from qrobust.data import load_dataset
+    from qrobust.evaluation import reverify
+    from qrobust.export import DeployedModel
+    from qrobust.models import build_model
+    from qrobust.training import fit
+
+    train = load_dataset("mnist", "train").subset(2000 if args.quick else 10000, seed=0)
+    test = load_dataset("mnist", "test")
+    torch.manual_seed(0)
+    model = build_model("small_cnn", in_channels=1, input_size=28, mean=list(train.info.mean),
+                        std=list(train.info.std))
+    t0 = time.perf_counter()
+    fit(model, train, epochs=1, lr=0.05, batch_size=128, seed=0)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    x, y = test.tensors(500 if args.quick else 2000)
+    specs = ("w8a8", "w4a4")
+    sizes, per_spec, quantized, onnx_fp32 = _export_all(model, specs, train.tensors(512)[0], x, tmp)
+    result: dict[str, Any] = {
+        "model": "small_cnn", "dataset": "MNIST (10,000 training images, 1 epoch; test: first 2,000)",
+        "float_train_s": round(train_s, 1), "float_test_accuracy": _accuracy(model, x, y),
+        "size_bytes": sizes, "precisions": per_spec,
+    }
+    for spec, (q, session) in quantized.items():
+        per_spec[spec]["test_accuracy"] = {
+            "torch fake-quant": _accuracy(q, x, y),
+            "onnxruntime int": _accuracy(lambda xb, s=session: torch.from_numpy(
+                s.run(["logits"], {"input": xb.numpy()})[0]), x, y)}
+    engines = _engines(model, onnx_fp32, quantized)
+    rounds = 2 if args.quick else 5
+    result["throughput_images_per_s"] = {
+        "batch 1": _throughput(engines, x[:1], iters=20 if args.quick else 200, rounds=rounds),
+        "batch 256": _throughput(engines, x[:256], iters=1 if args.quick else 4, rounds=rounds),
+    }
+    eps, n = 0.1, (40 if args.quick else 200)
+    result["reverify"] = {"eps": eps, "n": n, "note": "a naturally trained model: ε = 0.1 (not MNIST's customary "
+                          "0.3, where every model here is at 0 %) so the comparison has points to compare"}
+    for spec, (q, _) in quantized.items():
+        t0 = time.perf_counter()
+        comp = reverify(DeployedModel(tmp / f"{spec}.onnx"), q, (x[:n], y[:n]), eps=eps, parent=model,
+                        n_queries=100 if args.quick else 500, spsa_steps=5 if args.quick else 10, spsa_samples=32,
+                        steps=10 if args.quick else 20, dataset="mnist")
+        result["reverify"][spec] = {"rows": comp.rows, "flags": comp.flags,
+                                    "time_s": round(time.perf_counter() - t0, 1)}
+    return result
+
+
+def bench_resnet(args, tmp: Path) -> dict[str, Any]:
+    from qrobust.data import load_dataset
+    from qrobust.models import build_model
+
+    train = load_dataset("cifar10", "train").subset(512, seed=0)
+    test = load_dataset("cifar10", "test")
+    torch.manual_seed(0)
+    model = build_model("resnet20", mean=list(train.info.mean), std=list(train.info.std))
+    xt = train.tensors()[0]
+    model.train()
+    with torch.no_grad():
+        for xb in xt.split(128):
+            model(xb)
+    model.eval()
+    x, _ = test.tensors(256 if args.quick else 500)
+    sizes, per_spec, quantized, onnx_fp32 = _export_all(model, ("w8a8", "w4a4"), xt[:256], x, tmp / "r",
+                                                        min_agreement=0.0)
+    engines = _engines(model, onnx_fp32, quantized)
+    rounds = 2 if args.quick else 3
+    return {
+        "model": "resnet20 (untrained: BatchNorm statistics from 512 training images)",
+        "dataset": "CIFAR-10 (JPEG), test images for agreement and timing",
+        "note": "throughput does not depend on the weights' values; the agreement of an untrained, near-tied "
+                "network says little (train one for that)",
+        "size_bytes": sizes, "precisions": per_spec,
+        "throughput_images_per_s": {
+            "batch 1": _throughput(engines, x[:1], iters=5 if args.quick else 30, rounds=rounds),
+            "batch 256": _throughput(engines, x[:256], iters=1, rounds=rounds),
+        },
+    }
+
+
+def _speedups(result: dict[str, Any]) -> None:
+    for batch, row in result["throughput_images_per_s"].items():
+        base = row["torch fp32"]
+        result.setdefault("speedup_vs_torch_fp32", {})[batch] = {k: round(v / base, 2) for k, v in row.items()}
+
+
+def main() -> None:
+    from qrobust.utils import atomic_write_text
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny budgets, nothing written")
+    p.add_argument("--only", choices=["mnist", "resnet"], default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        (tmp / "r").mkdir()
+        for key, fn, name in (("mnist", bench_mnist, "export_mnist_small_cnn.json"),
+                              ("resnet", bench_resnet, "export_cifar10_resnet20.json")):
+            if args.only and args.only != key:
+                continue
+            t = time.perf_counter()
+            result = fn(args, tmp)
+            _speedups(result)
+            result["machine"] = _machine()
+            result["wall_time_s"] = round(time.perf_counter() - t, 1)
+            text = json.dumps(result, indent=2)
+            if args.quick:
+                print(text)
+            else:
+                atomic_write_text(RESULTS / name, text + "\n")
+                print(f"{name}: {result['wall_time_s']} s")
+                print(json.dumps({"throughput": result["throughput_images_per_s"],
+                                  "speedup": result["speedup_vs_torch_fp32"]}, indent=1))
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
