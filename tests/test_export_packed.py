@@ -81,3 +81,14 @@ def test_packed_file_is_refused_by_plain_load_and_tampering_is_caught(digits, tm
         load_packed(path)
     with pytest.raises(ConfigError, match="quantize"):
         save_packed(model, tmp_path / "f.safetensors")
+
+
+def test_doctests_of_packing_and_diva():
+    import doctest
+
+    import qrobust.attacks.diva
+    import qrobust.export.packed
+
+    for module in (qrobust.export.packed, qrobust.attacks.diva):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0

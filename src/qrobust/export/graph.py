@@ -45,7 +45,9 @@ Nothing silently runs in float.
 compared with the fake-quant model: the fraction of equal predictions, the largest logit difference. What can
 differ is only rounding — ``QuantizeLinear`` divides by the scale where the simulation multiplies by
 its float32 reciprocal, the folded BatchNorm changes the last bits, the int32 bias is rounded to the
-accumulator's grid (half a step of ``s_x·s_w/M``), and onnxruntime's integer kernels accumulate exactly where float
+accumulator's grid (half a step of ``s_x·s_w/M``; only where an integer kernel runs, i.e. the layer's output
+goes straight into an activation quantizer — a layer feeding a residual addition or the logits keeps its float
+bias), and onnxruntime's integer kernels accumulate exactly where float
 sums round. Each such difference moves an activation by at most one level, and only when its pre-activation
 lies within float rounding of a rounding boundary; a prediction changes only if that reaches the argmax. So
 a correct export agrees on all but a few in ten thousand predictions, while any real mistake (a wrong scale,
@@ -205,6 +207,7 @@ class _Exporter:
     def __init__(self, model: nn.Module, weight_dtype: str) -> None:
         self.model = model
         self.weight_dtype = weight_dtype
+        self.quantized_outputs: set[fx.Node] = set()
         self.b = _Builder()
         self.modules = dict(model.named_modules())
 
@@ -261,10 +264,11 @@ class _Exporter:
         row = {"weight_bits": 32, "scheme": "float", "storage": "float32", "levels": "-", "scales": 0}
         return b.const(f"{name}.weight", w.float().numpy()), torch.empty(0), row
 
-    def _bias(self, bias: torch.Tensor | None, x: _Value, scale: torch.Tensor, name: str) -> str | None:
+    def _bias(self, bias: torch.Tensor | None, x: _Value, scale: torch.Tensor, name: str, node: fx.Node
+              ) -> str | None:
         if bias is None:
             return None
-        if x.grid is not None and scale.numel():  # int32 on the accumulator's grid: what integer kernels add
+        if x.grid is not None and scale.numel() and node in self.quantized_outputs:  # int32 on the accumulator
             s = (x.grid.scale * scale).float()
             q = torch.round(bias.double() / s.double())
             if q.abs().max() < 2**31 - 1:
@@ -288,7 +292,7 @@ class _Exporter:
             bias = ((bias if bias is not None else 0.0) - mean) * g + beta
         w, scale, row = self._weight(m, name, fold, x)
         ins = [x.name, w]
-        bname = self._bias(bias, x, scale, name)
+        bname = self._bias(bias, x, scale, name, node)
         if bname is not None:
             ins.append(bname)
         ph, pw = _pair(m.padding)
@@ -302,7 +306,7 @@ class _Exporter:
         m = self.modules[name]
         w, scale, row = self._weight(m, name, None, x)
         ins = [x.name, w]
-        bname = self._bias(m.bias.detach().double() if m.bias is not None else None, x, scale, name)
+        bname = self._bias(m.bias.detach().double() if m.bias is not None else None, x, scale, name, node)
         if bname is not None:
             ins.append(bname)
         out = self.b.node("Gemm", ins, name, transB=1)
@@ -373,6 +377,17 @@ class _Exporter:
                         and self.modules[str(src.target)].act_quant is not None):
                     pooled_acts[node] = src
         deferred = set(pooled_acts.values())
+        # an integer kernel (QLinearConv, QGemm) needs its output quantized: only a layer whose output goes
+        # straight into an activation quantizer gets one, and only there is the bias rounded to int32; a layer
+        # feeding a residual addition or the logits runs in float with its float bias (exact)
+        self.quantized_outputs = set()
+        for node in graph.nodes:
+            if node.op == "call_module" and isinstance(self.modules[str(node.target)], (nn.Conv2d, nn.Linear)):
+                out = folds.get(node, node)
+                users = list(out.users)
+                if len(users) == 1 and users[0].op == "call_module" and isinstance(
+                        self.modules[str(users[0].target)], QuantAct):
+                    self.quantized_outputs.add(node)
         inputs: list[str] = []
         output: str | None = None
         for node in graph.nodes:
