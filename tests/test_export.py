@@ -125,6 +125,9 @@ def test_resnet20_batchnorm_folded_and_shortcuts(tmp_path):
     folded = [r["batchnorm_folded"] for r in res.info["layers"] if r.get("op") == "Conv"]
     assert len(folded) == 19 and all(folded)
     assert res.info["agreement"]["max_rel_logit_diff"] < 0.05 and res.info["agreement"]["agreement"] >= 0.95
+    # the graph as written (no integer fusions, float biases) is the simulation to float rounding
+    ref = res.info["agreement"]["graph_reference"]
+    assert ref["agreement"] == 1.0 and ref["max_abs_logit_diff"] < 2e-2  # a rounding tie flips a level or two
 
 
 def test_binary_sign_activations_are_exported_exactly(digits, tmp_path):

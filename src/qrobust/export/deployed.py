@@ -30,15 +30,17 @@ class DeployedModel(nn.Module):
 
     ``qrobust_export`` is the export's metadata (spec, per-layer bits, agreement, source checkpoint);
     ``qrobust_arch``/``qrobust_spec``/``qrobust_meta`` mirror a checkpoint's, so the CLI and reports read
-    them the same way. ``threads`` — onnxruntime intra-op threads (default: torch's thread count).
+    them the same way. ``threads`` — onnxruntime intra-op threads (default: torch's thread count);
+    ``optimize=False`` — the graph as written, without onnxruntime's integer kernels (its reference semantics).
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, optimize: bool = True) -> None:
         super().__init__()
         self.path = Path(path)
         self.threads = threads
+        self.optimize = optimize
         self.qrobust_export = read_onnx_metadata(self.path)
-        self.session = onnx_session(self.path, threads=threads)
+        self.session = onnx_session(self.path, threads=threads, optimize=optimize)
         info = self.qrobust_export
         self.qrobust_arch = info.get("arch")
         self.qrobust_spec = info.get("spec")
@@ -59,7 +61,7 @@ class DeployedModel(nn.Module):
         return torch.from_numpy(out).to(x.device)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DeployedModel:
-        return DeployedModel(self.path, threads=self.threads)
+        return DeployedModel(self.path, threads=self.threads, optimize=self.optimize)
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, spec={(self.qrobust_spec or {}).get('name')!r}"
