@@ -34,21 +34,12 @@ def main() -> int:
     except ImportError:
         print("torchattacks is not installed (pip install --no-deps -c constraints.txt torchattacks)")
         return 1
-    import qrobust
+    from _models import digits_w4a4
+
     from qrobust.attacks import Square
-    from qrobust.data import load_dataset
-    from qrobust.models import build_model
-    from qrobust.training import fit
     from qrobust.utils import atomic_write_text
 
-    torch.manual_seed(0)
-    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
-    m = build_model("digits_cnn", in_channels=1, input_size=8, mean=train.info.mean, std=train.info.std)
-    fit(m, train, epochs=10, lr=0.05)
-    q = qrobust.quantize(m, "w4a4")
-    fit(q, train, epochs=3, lr=0.01)
-    q.eval()
-    x, y = test.tensors()
+    q, x, y = digits_w4a4()
 
     def acc(xa: torch.Tensor) -> float:
         with torch.no_grad():
