@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -44,7 +45,7 @@ def test_missing_dataset_is_one_line_exit_1(capsys, tmp_path):
     assert err.strip().count("\n") == 0 and "mnist" in err.lower()
 
 
-def test_train_then_finetune_then_describe(capsys, tmp_path):
+def test_train_then_finetune_then_describe(capsys, caplog, tmp_path):
     code, out, _ = _run(
         capsys, "train", "--dataset", "digits", "--epochs", "3", "--batch-size", "64", "--out", str(tmp_path / "float")
     )
@@ -68,9 +69,21 @@ def test_train_then_finetune_then_describe(capsys, tmp_path):
     assert code == 0
     acc = float(out.split("test accuracy")[1].split()[0])
     assert acc > 0.8  # fine-tuned from the float model, not from scratch
+    # a float parent was trained without the clip: the quantized copy is warned about (next test: from scratch)
+    assert "unbounded in float now clip" in caplog.text
     code, out, _ = _run(capsys, "describe", str(tmp_path / "w4a4"))
     assert code == 0
     assert "w4a4" in out and "digits_cnn" in out
+
+
+def test_training_quantized_from_scratch_does_not_warn_about_float_ranges(capsys, caplog, tmp_path):
+    """From scratch the model learns with the spec's clips, so the parent-range warning would be false."""
+    caplog.set_level(logging.INFO, logger="qrobust")
+    code, _, _ = _run(capsys, "train", "--dataset", "digits", "--bits", "w4a4", "--epochs", "1", "--max-batches",
+                      "2", "--out", str(tmp_path / "q"))
+    assert code == 0
+    assert "quantized 4 weight layer(s) and 3 activation(s) to w4a4" in caplog.text  # captured, and quantized
+    assert "unbounded in float" not in caplog.text
 
 
 @pytest.mark.slow

@@ -63,10 +63,15 @@ def test_interrupted_evaluation_resumes_to_the_same_numbers(digits, tmp_path, mo
     assert saved["partial"]["key"].endswith("|pgd-5") and saved["partial"]["batches"] == 2
     assert len(saved["done"]) == 4  # ε=0.05: fgsm, pgd, square; ε=0.1: fgsm
 
+    assert saved["elapsed_s"] > 0
+    # the report's wall time is the whole evaluation's, earlier runs included (a zoo card quotes it)
+    state.write_text(json.dumps({**saved, "elapsed_s": 1000.0}))
+
     monkeypatch.setattr(PGD, "perturb", real)
     again = qrobust.evaluate(model, data, state_path=state, **kw)
     assert _masks(again) == _masks(ref)
     assert again.robust_accuracies == ref.robust_accuracies
+    assert 1000.0 < again.wall_time_s < 1000.0 + 10 * ref.wall_time_s
 
 
 def test_a_state_file_of_another_evaluation_is_refused(digits, tmp_path):

@@ -170,6 +170,37 @@ def test_qrobust_zoo_card_writes_an_entry_that_eval_and_load_accept(tmp_path, mo
     assert "--force" in capsys.readouterr().err
 
 
+def test_zoo_card_from_a_saved_evaluation_takes_its_numbers_and_refuses_another_checkpoint(tmp_path, capsys):
+    """A long evaluation runs as `qrobust eval --out DIR` (resumable); `zoo card --report DIR` makes the card from
+    it without evaluating again — the card's numbers are the report's — and refuses evaluation flags beside it
+    and a report of another checkpoint (its clean per-sample results differ)."""
+    train = load_dataset("digits", "train")
+    runs = {}
+    for name, epochs in (("a", 2), ("b", 1)):
+        torch.manual_seed(0)
+        m = build_model("digits_cnn", in_channels=1, input_size=8, mean=train.info.mean, std=train.info.std)
+        runs[name] = tmp_path / name
+        fit(m, train, epochs=epochs, lr=0.05, device="cpu", out=runs[name], metadata={"dataset": "digits"})
+    ev = tmp_path / "ev"
+    assert main(["eval", str(runs["a"]), "--suite", "quick", "--n", "64", "--out", str(ev), "--no-diagnostics"]) == 0
+    report = json.loads((ev / "report.json").read_text())
+    folder = tmp_path / "zoo"
+    base = ["zoo", "card", "--name", "tiny", "--command", "qrobust train --epochs 2", "--zoo", str(folder)]
+    capsys.readouterr()
+    assert main([*base, str(runs["a"]), "--report", str(ev), "--suite", "quick"]) == 2
+    assert "drop --suite" in capsys.readouterr().err
+    assert main([*base, str(runs["b"]), "--report", str(ev)]) == 2
+    err = capsys.readouterr().err
+    assert "not of this checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not (folder / "tiny.json").exists()
+    assert main([*base, str(runs["a"]), "--report", str(ev)]) == 0
+    card = zoo.read_card(folder / "tiny.json")
+    assert card["n_eval"] == 64 and card["suite"] == "quick"
+    assert card["clean_accuracy"] == round(100 * report["clean_acc"], 2)
+    assert card["robust_accuracy"] == round(100 * report["results"][0]["robust_accuracy"], 2)
+    assert card["eval_time_s"] == round(report["wall_time_s"], 1)
+
+
 def test_a_zoo_name_gives_a_plain_default_output_folder():
     from qrobust.cli import _out_stem
 

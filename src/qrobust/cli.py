@@ -33,7 +33,7 @@ from qrobust.checkpoint import check_fits as check_model_fits
 from qrobust.data import available_datasets, load_dataset
 from qrobust.defenses import OverfitGuard, make_objective
 from qrobust.errors import ConfigError, QrobustError
-from qrobust.evaluation import evaluate, reverify
+from qrobust.evaluation import RobustnessReport, evaluate, reverify
 from qrobust.export import (
     DeployedModel,
     format_onnx_description,
@@ -44,7 +44,15 @@ from qrobust.export import (
     to_onnx,
 )
 from qrobust.models import build_model
-from qrobust.quant import QuantSpec, describe, format_description, is_quantized, quantize, size_totals
+from qrobust.quant import (
+    QuantSpec,
+    describe,
+    format_description,
+    is_quantized,
+    quantize,
+    quantize_as_saved,
+    size_totals,
+)
 from qrobust.report import save_adversarial_examples
 from qrobust.studies.demo import run_demo
 from qrobust.studies.harness import (
@@ -58,7 +66,7 @@ from qrobust.studies.harness import (
     study_of,
 )
 from qrobust.training import FitConfig, close_process_group, fit, process_group
-from qrobust.utils import atomic_write_bytes, default_device, seed_everything
+from qrobust.utils import atomic_write_bytes, default_device, eval_mode, model_device, seed_everything
 
 log = logging.getLogger("qrobust")
 
@@ -216,7 +224,9 @@ def build_for_data(args: argparse.Namespace, train_ds) -> Any:
             std=list(info.std),
         )
     if spec is not None and not spec.is_float:
-        model = quantize(model, spec, inplace=True)
+        # from scratch, the model learns with the spec's clips: only a trained float parent (--init) can lose
+        # accuracy to them, and only then is the range warning true
+        model = quantize(model, spec, inplace=True) if args.init else quantize_as_saved(model, spec)
     return model
 
 
@@ -601,6 +611,42 @@ def _train_time(log_path: str) -> float:
     return zoo.train_time_from(history)
 
 
+#: ``zoo card`` flags that set the evaluation, which ``--report`` brings along instead (flag -> argparse dest)
+REPORT_OWNS = {"--suite": "suite", "--eps": "eps", "--n": "n", "--norm": "norm", "--gradients": "gradients",
+               "--seed": "seed", "--n-queries": "n_queries", "--batch-size": "batch_size", "--out": "out"}
+#: the share of clean predictions a report may disagree on with the checkpoint it is said to be of (float
+#: rounding on another machine moves a borderline image or two; another checkpoint moves percents)
+REPORT_CLEAN_TOLERANCE = 0.005
+
+
+def _report_of(args: argparse.Namespace, model) -> RobustnessReport:
+    """``zoo card --report``: the saved evaluation, checked to be of this checkpoint on these images — its
+    per-sample clean correctness is recomputed on the first ``n`` test images of its dataset."""
+    report = RobustnessReport.load(args.report)
+    if args.dataset is not None and args.dataset != report.dataset:
+        raise UsageError(f"qrobust: --dataset {args.dataset} but the report {args.report} is on {report.dataset}: "
+                         "drop --dataset")
+    if len(report.clean) != report.n:
+        raise UsageError(f"qrobust: the report {args.report} does not record per-sample clean results (written by "
+                         "an older qrobust?): evaluate again without --report")
+    args.dataset, args.n = report.dataset, report.n
+    (x, y), _ = _eval_data(args, model)
+    with eval_mode(model), torch.no_grad():
+        device = model_device(model)
+        ok = torch.cat([model(x[i:i + 256].to(device)).argmax(1).cpu() == y[i:i + 256]
+                        for i in range(0, len(y), 256)])
+    differ = sum(int(a) != int(b) for a, b in zip(ok.tolist(), report.clean))
+    if differ > REPORT_CLEAN_TOLERANCE * report.n:
+        raise UsageError(f"qrobust: the report {args.report} is not of this checkpoint on these images: clean "
+                         f"correctness differs on {differ} of {report.n} test images; evaluate the checkpoint "
+                         "again (drop --report), or give the report it was evaluated in")
+    if differ:
+        log.warning("zoo card: the checkpoint's clean correctness differs from the report's on %d of %d images "
+                       "(within %.1f %%: float rounding); the card keeps the report's numbers", differ, report.n,
+                       100 * REPORT_CLEAN_TOLERANCE)
+    return report
+
+
 def cmd_zoo_card(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint and add it to the zoo: NAME.safetensors + the card NAME.json from the report."""
     with process_group() as (rank, world):  # under torchrun the evaluation is sharded, rank 0 writes
@@ -613,12 +659,22 @@ def cmd_zoo_card(args: argparse.Namespace) -> int:
         src = checkpoint.resolve_checkpoint(args.checkpoint)
         meta = checkpoint.read_metadata(src)
         train_time = _train_time(args.train_log) if args.train_log else None
+        if args.report is not None:
+            given = [flag for flag, dest in REPORT_OWNS.items() if getattr(args, dest) is not None]
+            if given:
+                raise UsageError(f"qrobust: --report takes the evaluation and its settings from the report: drop "
+                                 f"{', '.join(given)}")
         model = checkpoint.load(src, map_location=default_device())
-        data, dataset = _eval_data(args, model)
-        eps = _eps_for(args, dataset, None if args.eps is None else [parse_eps(args.eps, args.norm, one=True)])
-        report = evaluate(model, data, suite=args.suite, eps=eps, norm=args.norm, gradients=args.gradients,
-                          batch_size=args.batch_size, seed=args.seed, n_queries=args.n_queries,
-                          model_name=f"zoo:{args.name}", dataset=dataset)
+        if args.report is not None:
+            report = _report_of(args, model)
+        else:
+            args.norm, args.gradients = args.norm or "Linf", args.gradients or "ste"
+            args.seed = 0 if args.seed is None else args.seed
+            data, dataset = _eval_data(args, model)
+            eps = _eps_for(args, dataset, None if args.eps is None else [parse_eps(args.eps, args.norm, one=True)])
+            report = evaluate(model, data, suite=args.suite or "standard", eps=eps, norm=args.norm,
+                              gradients=args.gradients, batch_size=args.batch_size or 256, seed=args.seed,
+                              n_queries=args.n_queries, model_name=f"zoo:{args.name}", dataset=dataset)
         card = zoo.card_from_report(report.to_dict(), meta, name=args.name, command=args.command,
                                     train_time_s=train_time)
         if rank != 0:
@@ -656,10 +712,15 @@ def _add_zoo_parsers(sub: Any, attack_target_args: Callable[[argparse.ArgumentPa
     c.add_argument("--command", required=True, help="the `qrobust train …` command that trained the checkpoint")
     c.add_argument("--train-log", default=None,
                    help="run folder or metrics.jsonl for the training time (default: the checkpoint's history)")
-    c.add_argument("--suite", default="standard", help="attack suite (default: %(default)s)")
+    c.set_defaults(norm=None, gradients=None, seed=None)  # None: not given (--report brings its own)
+    c.add_argument("--suite", default=None, help="attack suite (default: standard)")
     c.add_argument("--eps", default=None, help="one ε, written like eval's (default: the dataset's customary ε)")
     c.add_argument("--n-queries", type=_positive_int, default=None, help="Square's query budget (default 5000)")
-    c.add_argument("--batch-size", type=_positive_int, default=256)
+    c.add_argument("--batch-size", type=_positive_int, default=None, help="default 256")
+    c.add_argument("--report", default=None,
+                   help="make the card from this saved evaluation (the --out folder of `qrobust eval`, e.g. a long "
+                        "one continued with --resume) instead of evaluating again; its per-sample clean results "
+                        "are re-checked against the checkpoint")
     c.add_argument("--zoo", default=None, help=zoo_help)
     c.add_argument("--force", action="store_true", help="replace an existing entry of that name")
     c.set_defaults(func=cmd_zoo_card)

@@ -253,7 +253,8 @@ def _evaluate(
         batch_size=batch_size,
         versions={"qrobust": __version__, "torch": torch.__version__,
                   "python": platform.python_version(), "numpy": np.__version__},
-        wall_time_s=time.perf_counter() - t_start,
+        # a continued evaluation counts the earlier runs too (up to their last recorded batch)
+        wall_time_s=time.perf_counter() - t_start + (state.prior_s if state is not None else 0.0),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         arch=copy.deepcopy(arch) if isinstance(arch, Mapping) else None,
         parent=None if parent is None else (

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,10 @@ class EvalState:
             self.data = d
         self.resumed = self.path.exists()
         self.n_reused = 0
+        #: seconds the earlier runs of this evaluation spent up to their last recorded batch (kept out of
+        #: ``data``, which every rank must read alike while rank 0 rewrites this figure)
+        self.prior_s = float(self.data.pop("elapsed_s", 0.0))
+        self._t_open = time.perf_counter()
         self._save()
 
     @staticmethod
@@ -89,7 +94,8 @@ class EvalState:
     def _save(self) -> None:
         if not self.write:
             return
-        atomic_write_text(self.path, json.dumps(self.data, allow_nan=False) + "\n")
+        elapsed = self.prior_s + time.perf_counter() - self._t_open  # in the file only: data stays equal on all ranks
+        atomic_write_text(self.path, json.dumps({**self.data, "elapsed_s": elapsed}, allow_nan=False) + "\n")
 
     def finished(self, eps: float, label: str, settings: dict[str, Any]) -> tuple[AttackResult, torch.Tensor] | None:
         """The stored result of attack ``label`` at ``eps`` and the worst-case robust mask after it."""

@@ -316,7 +316,8 @@ def quantize(
 
 
 def quantize_as_saved(model: nn.Module, spec: QuantSpec | str | Mapping[str, Any]) -> nn.Module:
-    """:func:`quantize` in place to the spec a checkpoint was trained with (no warning about its ranges)."""
+    """:func:`quantize` in place to the spec a model was, or is about to be, trained with: a checkpoint being
+    loaded, or a freshly built model trained from scratch — no warning that its ranges differ from float's."""
     return quantize(model, spec, inplace=True, _as_saved=True)
 
 
