@@ -360,3 +360,46 @@ def test_channels_last_gives_the_same_output(name, c, s):
         model = model.to(memory_format=torch.channels_last)
         out = model(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 3, 7, 9), (5, 2, 2, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_max_pool_matches_nn_max_pool_values_gradients_and_second_order(shape, channels_last):
+    """qrobust's 2×2 max pool: the outputs of nn.MaxPool2d without a gradient (its fast path) and with one, the
+    gradient routed to the same element of every window — ties included, which quantized activations make
+    common (values on 5 levels here; torch.maximum would split them) — and the same second-order terms
+    (layer-wise allocation differentiates gradients)."""
+    from qrobust.models.layers import MaxPool2d
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randint(0, 5, shape, generator=g).double() / 4  # many ties in each window
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    v = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, generator=g, dtype=torch.double)
+    u = torch.randn(shape, generator=g, dtype=torch.double)
+    outs = []
+    for pool in (nn.MaxPool2d(2), MaxPool2d(2)):
+        xi, vi = x.clone().requires_grad_(), v.clone().requires_grad_()
+        y = pool(xi)
+        (gx,) = torch.autograd.grad((y * vi).sum(), xi, create_graph=True)
+        (gv,) = torch.autograd.grad((gx * u).sum(), vi)
+        outs.append((y.detach(), gx.detach(), gv))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert (outs[0][1] != 0).sum() == v.numel()  # one element per window gets the gradient
+    with torch.no_grad():
+        assert torch.equal(MaxPool2d(2)(x), nn.MaxPool2d(2)(x))
+    assert torch.equal(MaxPool2d(2)(x), nn.MaxPool2d(2)(x))  # no input gradient wanted: the fast path too
+
+
+def test_fast_max_pool_falls_back_for_other_settings_and_exports_as_max_pool():
+    from qrobust.models.layers import MaxPool2d
+
+    x = torch.rand(2, 3, 9, 9)
+    for kw in ({"kernel_size": 3}, {"kernel_size": 2, "stride": 1}, {"kernel_size": 2, "ceil_mode": True},
+               {"kernel_size": 2, "padding": 1}):
+        assert not MaxPool2d(**kw)._fast()
+        assert torch.equal(MaxPool2d(**kw)(x), nn.MaxPool2d(**kw)(x))
+    assert MaxPool2d(2)._fast() and MaxPool2d(2, 2)._fast() and MaxPool2d((2, 2))._fast()
+    assert torch.equal(MaxPool2d(2)(x[0]), nn.MaxPool2d(2)(x[0]))  # 3-D input: nn's own path
+    assert isinstance(build_model("small_cnn", in_channels=1, input_size=28).pool1, MaxPool2d)

@@ -366,7 +366,7 @@ class _Exporter:
         # values, a quarter of them to quantize, and onnxruntime's fast float pooling
         pooled_acts: dict[fx.Node, fx.Node] = {}
         for node in graph.nodes:
-            if node.op == "call_module" and type(self.modules[str(node.target)]) is nn.MaxPool2d:
+            if node.op == "call_module" and isinstance(self.modules[str(node.target)], nn.MaxPool2d):
                 src = node.args[0]
                 if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
                         and isinstance(self.modules[str(src.target)], QuantAct)
@@ -439,7 +439,7 @@ class _Exporter:
             return _Value(b.node("Div", [sub, b.const(f"{name}.std", m.std.detach().float().numpy())], name))
         if type(m) in (nn.Dropout, nn.Identity):
             return x
-        if type(m) is nn.MaxPool2d:
+        if isinstance(m, nn.MaxPool2d):
             if m.return_indices:
                 raise ExportError(f"max-pool {name!r} returns indices; not mapped")
             ph, pw = _pair(m.padding)

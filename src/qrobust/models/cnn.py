@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from qrobust.models.layers import Normalize, make_activation
+from qrobust.models.layers import MaxPool2d, Normalize, make_activation
 
 
 class SmallCNN(nn.Module):
@@ -40,10 +40,10 @@ class SmallCNN(nn.Module):
         self.normalize = Normalize(mean, std, num_channels=in_channels)
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
         self.act1 = make_activation(activation)
-        self.pool1 = nn.MaxPool2d(2)
+        self.pool1 = MaxPool2d(2)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         self.act2 = make_activation(activation)
-        self.pool2 = nn.MaxPool2d(2)
+        self.pool2 = MaxPool2d(2)
         side = input_size // 2 // 2
         self.fc1 = nn.Linear(c2 * side * side, hidden)
         self.act3 = make_activation(activation)
@@ -80,7 +80,7 @@ class DigitsCNN(nn.Module):
         self.act1 = make_activation(activation)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         self.act2 = make_activation(activation)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2d(2)
         side = input_size // 2
         self.fc1 = nn.Linear(c2 * side * side, hidden)
         self.act3 = make_activation(activation)

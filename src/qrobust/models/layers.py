@@ -122,3 +122,32 @@ class Normalize(nn.Module):
     def extra_repr(self) -> str:
         fmt = lambda t: "[" + ", ".join(f"{v:.4g}" for v in t.flatten().tolist()) + "]"  # noqa: E731
         return f"mean={fmt(self.mean)}, std={fmt(self.std)}"
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` with the same outputs and gradients, faster where no gradient flows through it (clean
+    evaluation, Square, SPSA) for the 2×2, stride-2 pooling qrobust's models use: on this project's CPUs
+    (torch 2.13, x86) ``max_pool2d`` on NCHW tensors costs 8–11× the maximum of the window's four strided
+    views (bench/bench_pool.py). Where a gradient is needed, ``nn.MaxPool2d``'s own kernel runs: it routes
+    a tie to the window's first maximum, which ``torch.maximum`` would split. Any other configuration, and
+    inputs that are not 4-D, take that path too. Export and analysis see an ``nn.MaxPool2d``.
+
+    >>> x = torch.tensor([[[[1., 3., 0., 0.], [2., 3., 0., 5.]]]])
+    >>> MaxPool2d(2)(x).tolist()
+    [[[[3.0, 5.0]]]]
+    """
+
+    qrobust_fx_leaf = True  # traced as one module (qrobust.quant.sites), like nn.MaxPool2d
+
+    def _fast(self) -> bool:
+        two = (2, (2, 2))
+        return (self.kernel_size in two and self.stride in two and self.padding in (0, (0, 0))
+                and self.dilation in (1, (1, 1)) and not self.ceil_mode and not self.return_indices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not (torch.is_grad_enabled() and x.requires_grad) and self._fast():
+            h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor mode: an odd last row/column is dropped
+            x = x[..., :h, :w]
+            return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
+                                 torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+        return super().forward(x)

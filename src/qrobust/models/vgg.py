@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from qrobust.models.layers import Normalize, make_activation
+from qrobust.models.layers import MaxPool2d, Normalize, make_activation
 from qrobust.models.resnet import init_weights
 
 #: Channels per convolution, one list per block (each block ends with a 2×2 max-pool).
@@ -49,7 +49,7 @@ class VGG(nn.Module):
                 layers[f"bn{b}_{i}"] = nn.BatchNorm2d(w)
                 layers[f"act{b}_{i}"] = make_activation(activation)
                 cin = w
-            layers[f"pool{b}"] = nn.MaxPool2d(2)
+            layers[f"pool{b}"] = MaxPool2d(2)
         self.features = nn.Sequential(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
