@@ -1,0 +1,124 @@
+"""The full-scale CIFAR-10 runs of issue #13: ResNet-20, the full 50,000-image training set, ε = 8/255.
+
+    python bench/bench_cifar_full.py plan                         # the commands, and which are done
+    python bench/bench_cifar_full.py train w4a4-fgsm-rs           # one run (continues a stopped one)
+    python bench/bench_cifar_full.py eval w4a4-fgsm-rs --n 1000   # standard suite (continues a stopped one)
+    python bench/bench_cifar_full.py card w4a4-fgsm-rs            # the zoo entry, from that evaluation
+    python bench/bench_cifar_full.py summary                      # bench/results/cifar_full.json
+
+Every stage is a plain `qrobust` command (printed before it runs, recorded in the results), so a user can run
+the same thing by hand, and a stopped stage continues where it stopped: training with `--resume` from its
+last epoch checkpoint, evaluation with `--resume` from its state file. A run takes 1.5–3 h on two CPU
+threads of an AVX2 machine (about 8.5 min per FGSM-RS epoch of ResNet-20 w4a4, fp32); on a GPU the same
+commands pick CUDA. Run folders go to ``--runs`` (default bench/runs/cifar_full, not committed: copy a
+finished checkpoint into the zoo with the `card` stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "cifar_full.json"
+
+#: name -> (bits or None for float, `qrobust train` objective flags); 15 epochs, one-cycle, peak lr 0.2
+RECIPES: dict[str, tuple[str | None, list[str]]] = {
+    "w4a4-fgsm-rs": ("w4a4", ["--objective", "fgsm-rs", "--co-guard", "restore"]),
+    "float-fgsm-rs": (None, ["--objective", "fgsm-rs", "--co-guard", "restore"]),
+    "w4a4-odgq": ("w4a4", ["--objective", "odgq", "--schedule", "onecycle"]),
+    "float-odgq": (None, ["--objective", "odgq", "--schedule", "onecycle"]),
+    "w4a4-pgd-at-2": ("w4a4", ["--objective", "pgd-at", "--train-steps", "2", "--train-alpha", "4/255",
+                               "--schedule", "onecycle"]),
+    "dq-w4a4-fgsm-rs": ("w4a4", ["--objective", "dq", "--base", "fgsm-rs", "--beta", "3e-4",
+                                 "--objective-options", '{"bn": "fold"}', "--co-guard", "restore"]),
+}
+EPOCHS, LR = 15, 0.2
+
+
+def run_dir(runs: Path, name: str) -> Path:
+    return runs / f"cifar10-resnet20-{name}"
+
+
+def train_command(runs: Path, name: str, epochs: int = EPOCHS) -> list[str]:
+    bits, flags = RECIPES[name]
+    cmd = ["qrobust", "train", "--dataset", "cifar10", "--model", "resnet20", *(["--bits", bits] if bits else []),
+           *flags, "--epochs", str(epochs), "--lr", str(LR), "--keep-checkpoints", "2", "--seed", "0",
+           "--out", str(run_dir(runs, name))]
+    return cmd
+
+
+def eval_command(runs: Path, name: str, n: int) -> list[str]:
+    return ["qrobust", "eval", str(run_dir(runs, name)), "--dataset", "cifar10", "--n", str(n), "--suite",
+            "standard", "--out", str(run_dir(runs, name)) + f"-eval{n}", "--resume"]
+
+
+def _run(cmd: list[str]) -> int:
+    print("$", shlex.join(cmd), flush=True)
+    env = {**os.environ, "QROBUST_NO_PROGRESS": os.environ.get("QROBUST_NO_PROGRESS", "1")}
+    return subprocess.call([sys.executable, "-m", "qrobust.cli", *cmd[1:]], env=env)
+
+
+def _done(path: Path) -> bool:
+    return (path / "model.safetensors").exists() or (path / "report.json").exists()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["plan", "train", "eval", "card", "summary"])
+    p.add_argument("name", nargs="?", choices=sorted(RECIPES))
+    p.add_argument("--runs", default=str(HERE / "runs" / "cifar_full"))
+    p.add_argument("--n", type=int, default=1000, help="test images for the evaluation (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=EPOCHS)
+    args = p.parse_args()
+    runs = Path(args.runs)
+    if args.stage in ("train", "eval", "card") and not args.name:
+        p.error(f"{args.stage} needs a run name: one of {', '.join(sorted(RECIPES))}")
+    if args.stage == "plan":
+        for name in RECIPES:
+            for cmd, out in ((train_command(runs, name, args.epochs), run_dir(runs, name)),
+                             (eval_command(runs, name, args.n), Path(str(run_dir(runs, name)) + f"-eval{args.n}"))):
+                print(f"[{'done' if _done(out) else 'todo'}] {shlex.join(cmd)}")
+        return 0
+    if args.stage == "train":
+        cmd = train_command(runs, args.name, args.epochs)
+        if (run_dir(runs, args.name) / "config.json").exists():
+            cmd.append("--resume")
+        return _run(cmd)
+    if args.stage == "eval":
+        return _run(eval_command(runs, args.name, args.n))
+    if args.stage == "card":
+        cmd = ["qrobust", "zoo", "card", str(run_dir(runs, args.name)), "--report",
+               str(run_dir(runs, args.name)) + f"-eval{args.n}", "--name", f"cifar10-resnet20-{args.name}",
+               "--command", shlex.join(train_command(Path("runs"), args.name, args.epochs))]
+        return _run(cmd)
+    summary = {}
+    for name in RECIPES:
+        rep = Path(str(run_dir(runs, name)) + f"-eval{args.n}") / "report.json"
+        metrics = run_dir(runs, name) / "metrics.jsonl"
+        if not rep.exists():
+            continue
+        r = json.loads(rep.read_text())
+        history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+            if metrics.exists() else []
+        summary[name] = {
+            "train_command": shlex.join(train_command(Path("runs"), name, args.epochs)),
+            "eval_command": shlex.join(eval_command(Path("runs"), name, args.n)),
+            "epochs": len(history), "train_time_s": round(sum(h["epoch_time_s"] for h in history), 1),
+            "clean_accuracy": r["clean_acc"], "robust_accuracy": r["results"][0]["robust_accuracy"],
+            "attacks": {a["label"]: a["robust_accuracy_after"] for a in r["results"][0]["attacks"]},
+            "attack_time_s": {a["label"]: round(a["time_s"], 1) for a in r["results"][0]["attacks"]},
+            "eval_time_s": round(r["wall_time_s"], 1), "n_eval": r["n_examples"], "flags": r.get("flags", []),
+        }
+    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
