@@ -71,25 +71,57 @@ def mnist_w4a4(mnist_model):
     return q.eval(), x[:200], y[:200]
 
 
+class _ClampedAPGD(APGD):
+    """Our APGD with torchattacks' (and AutoAttack's) projection, ``clamp(min(max(x', x − ε), x + ε), 0, 1)``:
+    in float32 ``x ± ε`` rounds, so its points can lie up to ~3e-8 outside the ε-ball; ours stay inside (the
+    base's strict projection). Used only as the control that this is the one difference that matters."""
+
+    def project(self, x_adv, x):
+        return torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp(0.0, 1.0)
+
+
+def _still_correct(model, x, y):
+    with torch.no_grad():
+        return model(x).argmax(1) == y
+
+
 @pytest.mark.parametrize("which", ["float", "w4a4"])
 def test_apgd_ce_at_least_as_strong_as_torchattacks(mnist_model, mnist_w4a4, which):
-    """Same settings (ε 0.15, 20 iterations, 1 restart), 4 seeds, 200 MNIST images: our APGD-CE leaves at most
-    the robust accuracy torchattacks' does. On the quantized model torchattacks differentiates through the
-    model's own straight-through estimators, which is what our default gradients='ste' uses too (plus BPDA
-    where they are all zero); with BPDA alone ours was the weaker one (34.8 vs 33.4 %, measured)."""
+    """Same settings (ε 0.15, 20 iterations, 1 restart), 4 seeds, the first 200 MNIST test images: our APGD-CE
+    leaves at most the robust images torchattacks' does. On the quantized model torchattacks differentiates
+    through the model's own straight-through estimators, which is what our default gradients='ste' uses too
+    (plus BPDA where they are all zero); with BPDA alone ours was the weaker one (34.8 vs 33.4 %, measured).
+
+    Paired: both attacks get only the images the model classifies correctly. torchattacks draws its random
+    start for exactly those, ours for every image of the batch, so with a misclassified image among the 200
+    the same seed gave every image after it a different start in the two attacks (robust counts then differed
+    by up to 8 images a seed, by chance: w4a4 ours 30.00 vs 29.38 % on seeds 0–3 but 29.75 vs 30.00 % on 0–7)."""
     model, x, y = (mnist_model[0], mnist_model[1][:200], mnist_model[2][:200]) if which == "float" else mnist_w4a4
+    keep = _still_correct(model, x, y)
+    x, y = x[keep], y[keep]
     ours, theirs = [], []
     for seed in range(4):
-        ours.append(_acc(model, APGD(model, eps=0.15, n_iter=20, loss="ce", seed=seed)(x, y), y))
         torch.manual_seed(seed)
         ref = torchattacks.APGD(model, eps=0.15, steps=20, loss="ce", n_restarts=1, seed=seed)
-        theirs.append(_acc(model, ref(x, y), y))
-    o, t = sum(ours) / 4, sum(theirs) / 4
-    print(f"{which}: qrobust APGD-CE {o:.4f}, torchattacks APGD {t:.4f}")
-    assert 0.05 < t < 0.95, "choose an ε where robust accuracy is informative"
-    # The model trained here depends on the CPU (AVX2 vs AVX-512 builds round differently), and so do these
-    # numbers: on an AVX-512 machine ours equalled torchattacks' (22.50/22.50, 28.75/28.75 %); on an AVX2 one
-    # ours came out 23.75 vs 23.50 % (float) and 30.00 vs 29.38 % (w4a4, ours weaker on 3 of 4 seeds by 1–2
-    # images) — a small gap that is open (the straight-through estimator path is the suspect). One point is
-    # allowed; BPDA-only APGD, the weakness this test was written for, was 1.35 over.
-    assert o <= t + 0.01, (ours, theirs)
+        r_theirs = _still_correct(model, ref(x, y), y)
+        r_ours = _still_correct(model, APGD(model, eps=0.15, n_iter=20, loss="ce", seed=seed)(x, y), y)
+        r_clamped = _still_correct(model, _ClampedAPGD(model, eps=0.15, n_iter=20, loss="ce", seed=seed)(x, y), y)
+        # the control: with the projection swapped, ours fools exactly the images torchattacks fools (step
+        # halving, restart from the best point, momentum and start agree; a momentum of 0.7 or no restart
+        # from the best point breaks this, measured). Our other differences changed no outcome here: early
+        # stopping (ours returns the first adversarial iterate, theirs the last), the first oscillation
+        # window (ours compares step 1 with the starting loss, theirs with 0) and BPDA for all-zero
+        # gradients (never needed on this model)
+        assert torch.equal(r_clamped, r_theirs), (seed, (r_clamped != r_theirs).nonzero().flatten().tolist())
+        ours.append(int(r_ours.sum()))
+        theirs.append(int(r_theirs.sum()))
+    print(f"{which}: robust images of {x.shape[0]}, qrobust APGD-CE {ours}, torchattacks APGD {theirs}")
+    assert 0.05 < sum(theirs) / (4 * 200) < 0.95, "choose an ε where robust accuracy is informative"
+    # What remains is chance: our strict projection moves a point on the ε-boundary by one float32 ulp, which
+    # sends a few trajectories elsewhere. Measured on an AVX2 machine, seeds 0–15, this float model: 3 images
+    # only torchattacks fools, 2 only ours (764 vs 763 robust of 16×199), and each of the 3 stays
+    # adversarial when pulled into our stricter ball — so the ulp of radius is not what fooled them; w4a4:
+    # equal on every seed of 0–7. Seeds 0–3 here: float 189 vs 188, w4a4 236 vs 236. The worst 4-seed window of
+    # those 16 seeds was 2 images, so 2 robust images in total (0.25 point of the mean) are allowed; the
+    # weakness this test was written for (BPDA-only APGD) was 1.35 points, 11 images, over.
+    assert sum(ours) <= sum(theirs) + 2, (ours, theirs)

@@ -17,6 +17,13 @@ One run, for each sample:
 classes). The history-of-losses test compares each step with the one before it, the starting loss
 included. Under early stopping (the default) a sample leaves the computation at its first adversarial
 iterate and restarts run only on the samples not yet fooled, as in AutoAttack.
+
+Against AutoAttack's and torchattacks' code the algorithm differs in four places: the first oscillation
+window compares step 1 with the starting loss (theirs with an unfilled 0), a sample stops at its first
+adversarial iterate (theirs run on and return the last), a quantized model's all-zero gradients fall back to
+BPDA, and every iterate stays inside the ε-ball in float32 (their clamp to ``x ± ε`` can round up to ~3e-8
+outside). Given the same images and seed both draw the same random start; with only the projection swapped,
+ours fools exactly the images torchattacks' fools (tests/test_reference_attacks.py, float and w4a4 MNIST).
 """
 
 from __future__ import annotations
