@@ -65,7 +65,7 @@ def _run(cmd: list[str]) -> int:
 
 
 def _done(path: Path) -> bool:
-    return (path / "model.safetensors").exists() or (path / "report.json").exists()
+    return (path / "final.safetensors").exists() or (path / "report.json").exists()
 
 
 def main() -> int:
