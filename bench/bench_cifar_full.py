@@ -8,10 +8,12 @@
 
 Every stage is a plain `qrobust` command (printed before it runs, recorded in the results), so a user can run
 the same thing by hand, and a stopped stage continues where it stopped: training with `--resume` from its
-last epoch checkpoint, evaluation with `--resume` from its state file. A run takes 1.5–3 h on two CPU
-threads of an AVX2 machine (about 8.5 min per FGSM-RS epoch of ResNet-20 w4a4, fp32); on a GPU the same
-commands pick CUDA. Run folders go to ``--runs`` (default bench/runs/cifar_full, not committed: copy a
-finished checkpoint into the zoo with the `card` stage).
+last epoch checkpoint, evaluation with `--resume` from its state file. A run takes 2 h on two idle CPU threads
+of an AVX2 machine (8.4 min per FGSM-RS epoch of ResNet-20 w4a4, fp32), three times that when another job
+shares the cores (then one thread is faster). On a GPU the same commands pick CUDA: for a lent device
+machine, copy ../shared/data/cifar10-jpeg.tar.gz (20 MB) into a folder of the checkout that
+.git/info/exclude ignores, carry it, and pass --data-dir. Run folders go to ``--runs`` (default
+bench/runs/cifar_full, not committed: the `card` stage copies a finished checkpoint into the zoo).
 """
 
 from __future__ import annotations
@@ -45,17 +47,21 @@ def run_dir(runs: Path, name: str) -> Path:
     return runs / f"cifar10-resnet20-{name}"
 
 
-def train_command(runs: Path, name: str, epochs: int = EPOCHS) -> list[str]:
+def _data(data_dir: str | None) -> list[str]:
+    return ["--data-dir", data_dir] if data_dir else []
+
+
+def train_command(runs: Path, name: str, epochs: int = EPOCHS, data_dir: str | None = None) -> list[str]:
     bits, flags = RECIPES[name]
-    cmd = ["qrobust", "train", "--dataset", "cifar10", "--model", "resnet20", *(["--bits", bits] if bits else []),
-           *flags, "--epochs", str(epochs), "--lr", str(LR), "--keep-checkpoints", "2", "--seed", "0",
-           "--out", str(run_dir(runs, name))]
+    cmd = ["qrobust", "train", "--dataset", "cifar10", *_data(data_dir), "--model", "resnet20",
+           *(["--bits", bits] if bits else []), *flags, "--epochs", str(epochs), "--lr", str(LR),
+           "--keep-checkpoints", "2", "--seed", "0", "--out", str(run_dir(runs, name))]
     return cmd
 
 
-def eval_command(runs: Path, name: str, n: int) -> list[str]:
-    return ["qrobust", "eval", str(run_dir(runs, name)), "--dataset", "cifar10", "--n", str(n), "--suite",
-            "standard", "--out", str(run_dir(runs, name)) + f"-eval{n}", "--resume"]
+def eval_command(runs: Path, name: str, n: int, data_dir: str | None = None) -> list[str]:
+    return ["qrobust", "eval", str(run_dir(runs, name)), "--dataset", "cifar10", *_data(data_dir), "--n", str(n),
+            "--suite", "standard", "--out", str(run_dir(runs, name)) + f"-eval{n}", "--resume"]
 
 
 def _run(cmd: list[str]) -> int:
@@ -75,6 +81,7 @@ def main() -> int:
     p.add_argument("--runs", default=str(HERE / "runs" / "cifar_full"))
     p.add_argument("--n", type=int, default=1000, help="test images for the evaluation (default %(default)s)")
     p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--data-dir", default=None, help="where cifar10-jpeg.tar.gz is (default: qrobust's search)")
     args = p.parse_args()
     runs = Path(args.runs)
     if args.stage in ("train", "eval", "card") and not args.name:
@@ -86,12 +93,12 @@ def main() -> int:
                 print(f"[{'done' if _done(out) else 'todo'}] {shlex.join(cmd)}")
         return 0
     if args.stage == "train":
-        cmd = train_command(runs, args.name, args.epochs)
+        cmd = train_command(runs, args.name, args.epochs, args.data_dir)
         if (run_dir(runs, args.name) / "config.json").exists():
             cmd.append("--resume")
         return _run(cmd)
     if args.stage == "eval":
-        return _run(eval_command(runs, args.name, args.n))
+        return _run(eval_command(runs, args.name, args.n, args.data_dir))
     if args.stage == "card":
         cmd = ["qrobust", "zoo", "card", str(run_dir(runs, args.name)), "--report",
                str(run_dir(runs, args.name)) + f"-eval{args.n}", "--name", f"cifar10-resnet20-{args.name}",
