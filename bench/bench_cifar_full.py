@@ -88,8 +88,9 @@ def main() -> int:
         p.error(f"{args.stage} needs a run name: one of {', '.join(sorted(RECIPES))}")
     if args.stage == "plan":
         for name in RECIPES:
-            for cmd, out in ((train_command(runs, name, args.epochs), run_dir(runs, name)),
-                             (eval_command(runs, name, args.n), Path(str(run_dir(runs, name)) + f"-eval{args.n}"))):
+            for cmd, out in ((train_command(runs, name, args.epochs, args.data_dir), run_dir(runs, name)),
+                             (eval_command(runs, name, args.n, args.data_dir),
+                              Path(str(run_dir(runs, name)) + f"-eval{args.n}"))):
                 print(f"[{'done' if _done(out) else 'todo'}] {shlex.join(cmd)}")
         return 0
     if args.stage == "train":
