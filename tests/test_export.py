@@ -90,6 +90,30 @@ def test_graph_holds_integer_weights_and_folds_nothing_into_float(digits, tmp_pa
                                                        / (q.conv2.weight.detach().abs().amax((1, 2, 3), True) / 7)))
 
 
+@pytest.mark.parametrize("spec, stretch", [("w4a4", 8), ("w4a2", 42), ("w8a8", 1)])
+def test_activations_below_8_bits_reach_the_next_layer_stretched(digits, tmp_path, spec, stretch):
+    """Below 8 bits an activation's integers 0…n are re-expressed as multiples of A = ⌊128/n⌋ (scale s/A) before
+    the next layer, so the integer kernel's int32 bias grid s_x·s_w is A× finer — and u8·s8 still cannot
+    saturate int16 (2·A·n·127 < 2^15), so the weights stay int8."""
+    model, calib, (x, _) = digits
+    q = quantize(model, spec, calibrate=calib).eval()
+    res = to_onnx(q, tmp_path / "m.onnx", calib=x)
+    acts = {r["name"]: r for r in res.info["layers"] if r.get("op") == "QuantizeLinear"}
+    assert sorted(acts) == ["act1", "act2", "act3"] and {r["act_stretch"] for r in acts.values()} == {stretch}
+    proto = onnx.load(str(res.path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    pairs = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and ".stretch" in n.name]
+    assert len(pairs) == (0 if stretch == 1 else 3)
+    for node in pairs:
+        act = node.name.split(".stretch")[0]
+        scale = float(inits[node.input[1]])
+        assert scale == pytest.approx(acts[act]["range"][1] / (2 ** int(spec[-1]) - 1) / stretch, rel=1e-6)
+    if stretch > 1:  # (8-bit activations keep their uint8 weights, see the module docstring)
+        assert 2 * stretch * (2 ** int(spec[-1]) - 1) * 127 < 2**15
+        assert any(".weight_int8" in n for n in inits) and not any(".weight_uint8" in n for n in inits)
+    assert res.info["agreement"]["agreement"] >= 0.995
+
+
 def test_mnist_small_cnn_w8a8_agrees(tmp_path):
     if not MNIST.is_dir():
         pytest.skip("../shared/data/mnist not present")
