@@ -1,9 +1,21 @@
-"""Models the side-by-side benchmarks share (imported by the scripts in this folder, which Python puts first
-on the path when one of them runs)."""
+"""What the side-by-side benchmarks share: their models and the reference library (imported by the scripts in
+this folder, which Python puts first on the path when one of them runs)."""
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
+
+
+def torchattacks_or_none() -> ModuleType | None:
+    """The reference implementation, or None after saying how to install it (without its dependencies)."""
+    try:
+        import torchattacks
+    except ImportError:
+        print("torchattacks is not installed (pip install --no-deps -c constraints.txt torchattacks)")
+        return None
+    return torchattacks
 
 
 def digits_w4a4() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

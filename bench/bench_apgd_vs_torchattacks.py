@@ -57,10 +57,10 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=8)
     args = p.parse_args()
     torch.set_num_threads(1)
-    try:
-        import torchattacks
-    except ImportError:
-        print("torchattacks is not installed (pip install --no-deps -c constraints.txt torchattacks)")
+    from _models import torchattacks_or_none
+
+    torchattacks = torchattacks_or_none()
+    if torchattacks is None:
         return 1
     from qrobust.attacks import APGD
     from qrobust.utils import atomic_write_text

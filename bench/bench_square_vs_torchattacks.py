@@ -29,13 +29,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(1)
-    try:
-        import torchattacks
-    except ImportError:
-        print("torchattacks is not installed (pip install --no-deps -c constraints.txt torchattacks)")
-        return 1
-    from _models import digits_w4a4
+    from _models import digits_w4a4, torchattacks_or_none
 
+    torchattacks = torchattacks_or_none()
+    if torchattacks is None:
+        return 1
     from qrobust.attacks import Square
     from qrobust.utils import atomic_write_text
 
