@@ -38,7 +38,8 @@ def test_each_committed_card_is_valid_and_its_clean_accuracy_holds_on_real_data(
     monkeypatch.delenv(zoo.ENV, raising=False)
     card = zoo.read_card(ZOO / f"{name}.json")
     ckpt = ZOO / card["checkpoint"]
-    assert ckpt.stat().st_size < 1_000_000 and (ZOO / f"{name}.json").stat().st_size < 100_000
+    # small enough to commit: a ResNet-20's float weights are 1.1 MB (0.27 M parameters), a digits CNN's 0.1 MB
+    assert ckpt.stat().st_size < 1_500_000 and (ZOO / f"{name}.json").stat().st_size < 100_000
     model = qrobust.load(f"zoo:{name}")
     meta = model.qrobust_meta
     assert meta["metadata"]["dataset"] == card["dataset"]
