@@ -78,8 +78,23 @@ def eval_dir(runs: Path, name: str, n: int) -> Path:
     return Path(str(run_dir(runs, name)) + f"-eval{n}")
 
 
+#: how a kept evaluation's text files name the runs folder: relative, never this machine's path
+KEPT_RUNS = "runs/"
+_TEXT = (".json", ".md")
+
+
+def _copy(src: Path, dst: Path, old: str, new: str) -> None:
+    """Copy one file; in a report or state file, the runs folder's path ``old`` becomes ``new``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.suffix in _TEXT and src.parent.name != "checkpoints":
+        dst.write_text(src.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
+    else:
+        shutil.copy2(src, dst)
+
+
 def keep(runs: Path, name: str, n: int) -> list[Path]:
-    """Copy the files run ``name`` (and its ``n``-image evaluation) needs to continue into KEPT/name."""
+    """Copy the files run ``name`` (and its ``n``-image evaluation) needs to continue into KEPT/name, the
+    evaluation's files naming the run as runs/... instead of this machine's path."""
     src, dst = run_dir(runs, name), KEPT / name
     if not (src / "config.json").exists():
         raise SystemExit(f"keep: {src} is not a run folder (no config.json): train it first")
@@ -98,8 +113,7 @@ def keep(runs: Path, name: str, n: int) -> list[Path]:
         if not f.exists():
             continue
         rel = f.relative_to(src) if f.is_relative_to(src) else Path(f"eval{n}") / f.name
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dst / rel)
+        _copy(f, dst / rel, f"{runs.resolve()}/", KEPT_RUNS)
         kept.append(dst / rel)
     return kept
 
@@ -112,8 +126,7 @@ def restore(runs: Path, name: str, n: int) -> None:
     for f in sorted(p for p in src.rglob("*") if p.is_file()):
         rel = f.relative_to(src)
         target = eval_dir(runs, name, n) / rel.name if rel.parts[0] == f"eval{n}" else dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, target)
+        _copy(f, target, f"{KEPT_RUNS}cifar10-resnet20-", f"{runs.resolve()}/cifar10-resnet20-")
     print(f"restored {name} from {src} into {dst}", flush=True)
 
 
