@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -82,12 +83,19 @@ def test_graph_holds_integer_weights_and_folds_nothing_into_float(digits, tmp_pa
     assert torch.equal(torch.from_numpy(first.copy()), q.conv1.quantized_weight().detach())
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("QuantizeLinear") >= 3 and "Clip" in ops  # 4-bit activations clipped on the integers
-    # the 4-bit weights are the same 15 integers the fake-quant layer used, stretched by 18
+    # the 4-bit weights are the same 15 integers the fake-quant layer used, each channel stretched by an
+    # integer M ≤ 18 (the one that holds its bias best on the integer kernel's grid)
     w = onnx.numpy_helper.to_array(inits[next(n for n in inits if n.startswith("conv2.weight_int8"))])
     k = torch.from_numpy(w.astype("int64"))
-    assert set((k // 18).unique().tolist()) <= set(range(-7, 8)) and bool((k % 18 == 0).all())
-    assert torch.equal((k // 18).float(), torch.round(q.conv2.quantized_weight().detach()
-                                                       / (q.conv2.weight.detach().abs().amax((1, 2, 3), True) / 7)))
+    k_sim = torch.round(q.conv2.quantized_weight().detach()
+                        / (q.conv2.weight.detach().abs().amax((1, 2, 3), True) / 7)).long()
+    assert set(k_sim.unique().tolist()) <= set(range(-7, 8))
+    m = k.abs().amax((1, 2, 3)) // k_sim.abs().amax((1, 2, 3))
+    assert bool(((m >= 1) & (m <= 18)).all())
+    assert torch.equal(k, k_sim * m.view(-1, 1, 1, 1))
+    scale = onnx.numpy_helper.to_array(inits[next(n for n in inits if n.startswith("conv2.weight_scale"))])
+    assert torch.allclose(torch.from_numpy(scale.copy()).double() * m.double(),
+                          q.conv2.weight.detach().double().abs().amax((1, 2, 3)) / 7, rtol=1e-6)
 
 
 @pytest.mark.parametrize("spec, stretch", [("w4a4", 8), ("w4a2", 42), ("w8a8", 1)])
@@ -149,9 +157,11 @@ def test_resnet20_batchnorm_folded_and_shortcuts(tmp_path):
     folded = [r["batchnorm_folded"] for r in res.info["layers"] if r.get("op") == "Conv"]
     assert len(folded) == 19 and all(folded)
     assert res.info["agreement"]["max_rel_logit_diff"] < 0.05 and res.info["agreement"]["agreement"] >= 0.95
-    # the graph as written (no integer fusions, float biases) is the simulation to float rounding
+    # the graph as written (no integer fusions: float convolutions, the int32 biases dequantized) is the
+    # simulation to float rounding and the biases' int32 rounding, which moves a pre-activation by at most
+    # TIE_WINDOW levels: logits within a level or two, near-tied predictions of this untrained net may flip
     ref = res.info["agreement"]["graph_reference"]
-    assert ref["agreement"] == 1.0 and ref["max_abs_logit_diff"] < 2e-2  # a rounding tie flips a level or two
+    assert ref["agreement"] >= 0.95 and ref["max_abs_logit_diff"] < 2e-2
 
 
 def test_binary_sign_activations_are_exported_exactly(digits, tmp_path):
@@ -216,3 +226,52 @@ def test_unmappable_ops_are_errors_not_float(digits, tmp_path):
     with pytest.raises(ConfigError, match="quantized model"):
         to_onnx(model, tmp_path / "f.onnx", calib=x)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_bias_keeps_a_near_tie_on_its_side_of_the_boundary():
+    """A channel whose pre-activations sit 1.5e-5 levels above a rounding boundary (and others 3e-5 below
+    another) gets a stretch and an int32 rounding that move it by less than that; a channel without ties gets
+    the smallest error and, among equal ones, the largest stretch."""
+    torch.manual_seed(0)
+    scale, bias = torch.rand(6).double() * 0.1 + 0.01, torch.randn(6).double()
+    step, most = 0.4, 18
+    d = torch.tensor([1.5e-5, -3e-5, 1.5e-5], dtype=torch.float32)
+    chans = torch.tensor([0, 0, 1])
+    m, codes, grid, err, flips = export_graph._fit_bias(scale, bias, 0.05, most, (step, chans, d))
+    assert m.min() >= 1 and m.max() <= most
+    # the int32 bias is the float one to within e, in output levels
+    assert torch.allclose(codes.double() * grid - bias, err * step, atol=1e-12)
+    # the pre-activations the fit could save stay on their side
+    saved = flips[:2] == 0
+    assert bool(saved.all()), (err, flips)
+    assert bool((err[0] > -1.5e-5) & (err[0] < 3e-5)) and bool(err[1] > -1.5e-5)
+    # no tie: the smallest |e| of all 36 candidates
+    for c in range(2, 6):
+        ms = torch.arange(1, most + 1, dtype=torch.float64)
+        g = torch.from_numpy((np.float32(0.05) * (scale[c] / ms).float().numpy()).astype(np.float64))
+        e = torch.stack([torch.floor(bias[c] / g) * g - bias[c], (torch.floor(bias[c] / g) + 1) * g - bias[c]])
+        assert float(err[c].abs()) == pytest.approx(float(e.abs().min()) / step, rel=1e-9)
+
+
+def test_a_trained_cifar_w4a4_resnet_exports_exactly(tmp_path):
+    """The zoo's adversarially trained ResNet-20 w4a4 has a channel whose pre-activations sit 1.5e-5 levels from
+    a boundary on many images (constant regions): with onnxruntime's int32 bias rounded the plain way, 1.7 % of
+    test predictions differed (98.3 % agreement, refused). Fitted per-channel stretch and bias, and that layer
+    as ConvInteger with a float bias, agree on every calibration and held-out prediction."""
+    import qrobust
+    from qrobust.export import measure_agreement
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not root.is_dir():
+        pytest.skip("needs ../shared/data (CIFAR-10)")
+    model = qrobust.load("zoo:cifar10-resnet20-w4a4-fgsm-rs").eval()
+    x, _ = load_dataset("cifar10", "test", root=root).tensors(1000)
+    res = to_onnx(model, tmp_path / "w4.onnx", calib=x[:500])
+    assert res.info["agreement"]["disagreements"] == 0
+    held_out = measure_agreement(model, onnx_session(res.path), x[500:])
+    assert held_out["disagreements"] <= 1, held_out
+    kinds = {r["name"]: r["op"] for r in res.info["layers"] if r.get("op") in ("Conv", "ConvInteger")}
+    assert kinds["layer1.0.conv1"] == "ConvInteger"
+    assert list(kinds.values()).count("ConvInteger") <= 3  # the rest stays on the fast integer kernels
+    fused = [r for r in res.info["layers"] if isinstance(r.get("bias"), dict) and r["bias"]["storage"] == "int32"]
+    assert len(fused) >= 6 and all(r["bias"]["max_error_levels"] < export_graph.TIE_WINDOW for r in fused)

@@ -9,18 +9,18 @@
   the per-channel scale (``k`` is unchanged: ``γ/σ · k · s = k · (γ s/σ)``; a negative ``γ`` flips the sign
   of ``k``) and the bias. The first/last-layer bits and per-layer overrides are those of the layers
   themselves, so they are honoured by construction.
-  Below 8 bits ``k`` is *stretched* to the int8 range — stored as ``M·k`` with scale ``s/M``, ``M = ⌊127 /
-  max|k|⌋`` (18 at 4 bits, 127 at 2 and 1 bits) — because an integer kernel adds the bias on its accumulator's
-  grid ``s_x·s_w`` (int32, rounded by onnxruntime): unstretched, that rounding is half a step of a coarse grid,
-  a large fraction of an activation level at 2 bits (measured on digits: w2a2 agreement 89.7 % unstretched, 99.7
-  % stretched; binary 86.6 % vs 100 %). The weights are stored as ``int8`` ``k`` where the layer's input has at
-  most 7 bits, and as ``uint8`` ``k + 128`` with zero point 128 after 8-bit (or signed) activations:
-  onnxruntime's u8·s8 kernels on x86 without VNNI sum pairs of products in saturating int16 (its documented
-  "u8s8 overflow": 2·255·127 > 2^15), which cost w8a8 digits 0.6 points of agreement (99.16 % vs 99.72 %); u8·u8
-  does not saturate, and 2·127·127 < 2^15 cannot (``weight_dtype=`` forces one). A layer whose input is float —
-  the first, reading the normalised image, which the simulation does not quantize either — has no integer kernel
-  to run on: its weights are stored as the float32 values of their levels, exactly ``k·s`` (what a
-  DequantizeLinear would compute), so that onnxruntime runs its fast float kernels there.
+  Below 8 bits ``k`` is *stretched* towards the int8 range — stored as ``M·k`` with scale ``s/M``, ``M ≤ ⌊127 /
+  max|k|⌋`` (18 at 4 bits, 127 at 2 and 1 bits; chosen per channel, see the bias below) — because an integer kernel
+  adds the bias on its accumulator's grid ``s_x·s_w`` (int32): unstretched, that rounding is half a step of a coarse
+  grid, a large fraction of an activation level at 2 bits (measured on digits: w2a2 agreement 89.7 % unstretched, 99.7
+  % stretched; binary 86.6 % vs 100 %). The weights are stored as ``int8`` ``k`` where the layer's input has at most 7
+  bits, and as ``uint8`` ``k + 128`` with zero point 128 after 8-bit (or signed) activations: onnxruntime's u8·s8
+  kernels on x86 without VNNI sum pairs of products in saturating int16 (its documented "u8s8 overflow": 2·255·127 >
+  2^15), which cost w8a8 digits 0.6 points of agreement (99.16 % vs 99.72 %); u8·u8 does not saturate, and 2·127·127 <
+  2^15 cannot (``weight_dtype=`` forces one). A layer whose input is float — the first, reading the normalised image,
+  which the simulation does not quantize either — has no integer kernel to run on: its weights are stored as the
+  float32 values of their levels, exactly ``k·s`` (what a DequantizeLinear would compute), so that onnxruntime runs
+  its fast float kernels there.
 * **activations** — a ``QuantAct`` ReLU/ReLU6 with clip or PACT range [0, α] at b bits becomes
   ``QuantizeLinear(scale = α/(2^b − 1), zero point 0, uint8)`` → ``DequantizeLinear``; the saturation of
   uint8 is the ReLU. Below 8 bits a ``Clip`` on the *integers* (uint8 0 … 2^b − 1) sits between them: the
@@ -45,19 +45,32 @@ Anything else — an op or module the exporter has no mapping for, a signed acti
 naming it; a layer the spec left at 32 bits is exported in float and *named* in the log and the metadata.
 Nothing silently runs in float.
 
+**The bias.** A convolution whose output goes straight into an activation quantizer is run by onnxruntime as
+QLinearConv, which adds an int32 bias ``B`` on its accumulator's grid ``g = s_x·s_w`` — a bias off that grid
+moves every pre-activation of the channel by the same ``e = B·g − b``. Trained quantized networks put many
+pre-activations at the *same* value (a constant image region gives the same integer sum), and some such value
+lies a hair from a level boundary: in the zoo's CIFAR-10 ResNet-20 w4a4 one channel of the first block holds
+1.5·10⁻⁵ levels above one on 1.5 activations per image, and the plain rounding of ``B`` flipped them all — 1.7 %
+of test predictions (98.3 % agreement). So the exporter writes ``B`` itself (``DequantizeLinear(int32 B,
+s_x·s_w)``), choosing per channel the weight stretch ``M`` (any ``M ≤ ⌊127/max|k|⌋`` stores the weights
+exactly) and the rounding direction that flip the fewest *calibration* pre-activations within
+:data:`TIE_WINDOW` of a boundary (:func:`_fit_bias`); and where no choice avoids a flip, and agreement improves
+by it, the layer runs as ``ConvInteger`` — the same exact int32 sums — with the scale and the bias applied in
+float as the simulation applies them (one layer in that ResNet: 100 % agreement on 1,000 calibration and 1,000
+held-out images). Other convolutions (those feeding a float residual addition, the classifier) run in float
+with the exact float bias.
+
 **Agreement.** The graph is run by onnxruntime on the calibration images before anything is written and
 compared with the fake-quant model: the fraction of equal predictions, the largest logit difference. What can
 differ is only rounding — ``QuantizeLinear`` divides by the scale where the simulation multiplies by
-its float32 reciprocal, the folded BatchNorm changes the last bits, the int32 bias is rounded to the
-accumulator's grid (half a step of ``s_x·s_w/(A·M)``) — onnxruntime does that itself when it fuses a layer whose
-output is quantized next into QLinearConv/QGemm; the graph keeps the float bias, so *as written* (fusions off,
-``onnx_session(optimize=False)``) it is the simulation to float rounding, which is measured too
-(``agreement["graph_reference"]``) — and onnxruntime's integer kernels accumulate exactly where float
-sums round. Each such difference moves an activation by at most one level, and only when its pre-activation
-lies within float rounding of a rounding boundary; a prediction changes only if that reaches the argmax. So
-a correct export agrees on all but a few in ten thousand predictions, while any real mistake (a wrong scale,
-layout or range) changes a large fraction of them. :data:`DEFAULT_MIN_AGREEMENT` = 0.99 separates the two
-with a wide margin on both sides: below it the export is refused (nothing is written).
+its float32 reciprocal, the folded BatchNorm changes the last bits, the int32 bias is off the float one by
+``|e| < TIE_WINDOW`` levels (above), float sums round where integer kernels accumulate exactly. The graph *as
+written* (fusions off, ``onnx_session(optimize=False)``: DequantizeLinear and float convolutions) is measured
+too (``agreement["graph_reference"]``). Each such difference moves an activation by at most one level, and
+only when its pre-activation lies within rounding of a boundary; a prediction changes only if that reaches the
+argmax. So a correct export agrees on all but a few in ten thousand predictions, while any real mistake (a
+wrong scale, layout or range) changes a large fraction of them. :data:`DEFAULT_MIN_AGREEMENT` = 0.99
+separates the two with a wide margin on both sides: below it the export is refused (nothing is written).
 """
 
 from __future__ import annotations
@@ -151,6 +164,8 @@ class _Grid:
 class _Value:
     name: str
     grid: _Grid | None = None
+    #: the integer tensor (QuantizeLinear/Clip output) whose DequantizeLinear ``name`` is, where there is one
+    codes: str | None = None
 
 
 @dataclass
@@ -185,13 +200,76 @@ class _Builder:
         if clip and (grid.lo, grid.hi) != grid.full:
             q = self.node("Clip", [q, self.const(f"{base}.lo", dtype(grid.lo)),
                                    self.const(f"{base}.hi", dtype(grid.hi))], f"{base}.clip")
-        return _Value(self.node("DequantizeLinear", [q, s, z], f"{base}.dq"), grid)
+        return _Value(self.node("DequantizeLinear", [q, s, z], f"{base}.dq"), grid, q)
 
     def keep_grid(self, out: str, source: _Value, base: str) -> _Value:
         """``out`` computed from ``source`` by an op that keeps its integer grid (max-pool, reshape, slice …)."""
         if source.grid is None:
             return _Value(out)
         return self.quant_dequant(out, source.grid, base, clip=False)
+
+
+#: how close (in output levels) a calibration pre-activation must lie to a rounding boundary to be counted by
+#: :func:`_fit_bias`; candidates that would move the channel's pre-activations further are not considered
+TIE_WINDOW = 0.02
+
+
+def _fit_bias(scale: torch.Tensor, bias: torch.Tensor, input_scale: float, most: int,
+              target: tuple[float, torch.Tensor, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each output channel's weight stretch ``M ∈ 1…most`` and int32 bias ``B`` (module docstring, "the bias").
+
+    An integer kernel adds an int32 bias ``B`` on its accumulator's grid ``g = s_x·s_w/M``, so the channel's
+    every pre-activation moves by the same ``e = B·g − b`` — and a level flips wherever a pre-activation lies
+    between a rounding boundary and that boundary moved by ``e``. Trained quantized networks put many
+    pre-activations at the *same* value (constant image regions give the same integer sum), some within
+    10⁻⁵ of a level's boundary, so a flip is systematic, not rare. Any ``M`` stores the weights exactly
+    (``M·k`` with scale ``s/M``) and ``B`` may be rounded either way, so both are free: this picks, per
+    channel, the pair that flips the fewest ``target`` pre-activations — ``(s_y, channels, d)``: the output
+    quantizer's step and the calibration pre-activations' signed distances ``d`` to their nearest boundary,
+    in levels, where ``|d| < TIE_WINDOW`` — then the smallest ``|e|``, then the largest ``M``.
+    Returns ``(M, B, bias scale float64 (C,), e in output levels (C,), flips (C,))``; the scales are float32
+    values, as stored. A channel where every pair flips some (``flips > 0``) makes the layer a ConvInteger.
+    """
+    channels = scale.shape[0]
+    m = torch.arange(most, 0, -1, dtype=torch.float64)  # largest first: argmin keeps the first of equal scores
+    sx = float(np.float32(input_scale))
+    sw = (scale.double()[:, None] / m[None, :]).float().double()  # the stored float32 weight scale per M
+    grid = torch.from_numpy((np.float32(sx) * sw.numpy().astype(np.float32)).astype(np.float64))  # (C, most)
+    b = bias.double()[:, None, None]
+    lo = torch.floor(b[..., 0] / grid)
+    cand = torch.stack([lo, lo + 1], dim=-1)  # (C, most, 2) integers
+    err = cand * grid[..., None] - b  # (C, most, 2), in bias units
+    step, chans, d = target
+    err = err / step
+    flips = torch.where(err.abs() < TIE_WINDOW, torch.zeros_like(err), torch.full_like(err, float("inf")))
+    order = torch.argsort(chans)
+    chans, d = chans[order], d[order].double()
+    counts = torch.bincount(chans, minlength=channels).tolist()
+    for c, dc in enumerate(torch.split(d, counts)):
+        if dc.numel() == 0:
+            continue
+        e = err[c].reshape(-1, 1)  # (most·2, 1)
+        crossed = ((dc >= 0) & (dc + e < 0)) | ((dc < 0) & (dc + e >= 0))
+        flips[c] += crossed.sum(dim=1).reshape(most, 2).double()
+    score = flips + err.abs().clamp_max(0.999)
+    best = score.reshape(channels, -1).argmin(dim=1)
+    mi, bi = best // 2, best % 2
+    r = torch.arange(channels)
+    stretch = m[mi].long()
+    codes = cand[r, mi, bi].long()
+    if int(codes.abs().max()) >= 2**31:
+        raise ExportError("a bias does not fit int32 on its integer kernel's grid; this layer cannot be exported")
+    return stretch, codes, grid[r, mi], err[r, mi, bi], flips[r, mi, bi]
+
+
+def _act_step(m: QuantAct) -> float:
+    """The step of a ReLU activation quantizer with a clip or PACT range, as the simulation computes it."""
+    q = m.act_quant
+    n = 2**m.bits - 1
+    if isinstance(q, PACTActQuantizer):
+        return float(q.alpha.detach().float().clamp_min(1e-8) / n)  # as pact_quantize computes it, in float32
+    return float(torch.tensor(float(q.alpha) / n, dtype=torch.float32))  # as fake_quant_q does
 
 
 def _pair(v: Any) -> list[int]:
@@ -213,16 +291,76 @@ def _bn_fold(bn: nn.BatchNorm2d, channels: int, name: str) -> tuple[torch.Tensor
 
 
 class _Exporter:
-    def __init__(self, model: nn.Module, weight_dtype: str) -> None:
+    def __init__(self, model: nn.Module, weight_dtype: str, calib: torch.Tensor | None = None,
+                 batch_size: int = 256, *, targets: dict | None = None, exact: frozenset[str] = frozenset()) -> None:
         self.model = model
         self.weight_dtype = weight_dtype
+        self.calib = calib
+        self.batch_size = batch_size
         self.b = _Builder()
         self.modules = dict(model.named_modules())
+        #: conv node → (its output quantizer's step, calibration ties) where an integer kernel adds its bias
+        #: (given: those of an earlier build of the same graph)
+        self.targets: dict[fx.Node, tuple[float, torch.Tensor, torch.Tensor]] = targets if targets is not None else {}
+        self._have_targets = targets is not None
+        #: convolutions to run as ConvInteger with a float bias (:meth:`_conv_integer`)
+        self.exact = exact
+
+    def _collect_targets(self, graph: fx.Graph, folds: dict) -> None:
+        """For each convolution whose output (BatchNorm folded) goes straight into a ReLU activation quantizer —
+        the layers onnxruntime runs as QLinearConv, adding an int32 bias — the calibration pre-activations
+        within :data:`TIE_WINDOW` levels of a rounding boundary (channel, signed distance)."""
+        if self.calib is None or self._have_targets:
+            return
+        sites: dict[str, fx.Node] = {}
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(self.modules[str(node.target)], nn.Conv2d):
+                continue
+            if not isinstance(self.modules[str(node.target)], QuantConv2d):
+                continue
+            out = folds.get(node, node)
+            if len(out.users) != 1:
+                continue
+            (user,) = out.users
+            act = self.modules.get(str(user.target)) if user.op == "call_module" else None
+            if (isinstance(act, QuantAct) and act.kind in ("relu", "relu6")
+                    and isinstance(act.act_quant, (ClipActQuantizer, PACTActQuantizer))):
+                sites[str(user.target)] = node
+        if not sites:
+            return
+        found: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in sites}
+        steps = {k: _act_step(self.modules[k]) for k in sites}
+
+        def hook(name: str) -> Any:
+            def pre(_mod: nn.Module, args: tuple) -> None:
+                u = args[0].detach().double() / steps[name]
+                n = 2 ** self.modules[name].bits - 1
+                d = u - (torch.floor(u).clamp(0, n - 1) + 0.5)
+                near = (d.abs() < TIE_WINDOW).nonzero()
+                found[name].append((near[:, 1], d[tuple(near.t())].float()))
+            return pre
+
+        handles = [self.modules[k].register_forward_pre_hook(hook(k)) for k in sites]
+        try:
+            with torch.no_grad():
+                for xb in self.calib.split(self.batch_size):
+                    self.model(xb)
+        finally:
+            for h in handles:
+                h.remove()
+        for k, conv in sites.items():
+            chans = torch.cat([c for c, _ in found[k]]) if found[k] else torch.zeros(0, dtype=torch.long)
+            d = torch.cat([v for _, v in found[k]]) if found[k] else torch.zeros(0)
+            self.targets[conv] = (steps[k], chans, d)
 
     # ---- weights
-    def _weight(self, layer: nn.Module, name: str, fold: torch.Tensor | None, x: _Value
-                ) -> tuple[str, torch.Tensor, dict]:
-        """A DequantizeLinear of the 8-bit weight (scale folded with ``fold``) → (name, scale float64, row)."""
+    def _weight(self, layer: nn.Module, name: str, fold: torch.Tensor | None, x: _Value,
+                bias: torch.Tensor | None = None, target: tuple[float, torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[str, torch.Tensor, dict, tuple[torch.Tensor, torch.Tensor] | None]:
+        """A DequantizeLinear of the 8-bit weight (scale folded with ``fold``) → (name, scale float64, row,
+        the int32 bias and its scale or None). ``bias`` — the (folded) bias the layer adds; ``target`` — where
+        an integer kernel will add it, the output quantizer's step and the calibration pre-activations near its
+        boundaries (:func:`_fit_bias`), which then choose each channel's stretch and int32 bias."""
         b = self.b
         if isinstance(layer, (QuantConv2d, QuantLinear)) and layer.weight_quant is not None:
             codes = weight_codes(layer, name)
@@ -240,9 +378,14 @@ class _Exporter:
                 values = k.float() * scale.float().view(shape)  # exactly what DequantizeLinear computes
                 row = {"weight_bits": codes.bits, "scheme": codes.scheme, "levels": levels, "stretch": 1,
                        "storage": "float32 (its levels k·s exactly: the input is float)", "scales": int(k.shape[0])}
-                return b.const(f"{name}.weight_levels", values.numpy()), torch.empty(0), row
-            stretch = max(1, 127 // max(-codes.k_min, codes.k_max))  # see the module docstring
-            k, scale = k * stretch, scale / stretch
+                return b.const(f"{name}.weight_levels", values.numpy()), torch.empty(0), row, None
+            most = max(1, 127 // max(-codes.k_min, codes.k_max))  # see the module docstring
+            if bias is not None and target is not None:
+                stretch, bias_codes, bias_scale, bias_err, flips = _fit_bias(scale, bias, x.grid.scale, most,
+                                                                              target)
+            else:
+                stretch = torch.full((k.shape[0],), most, dtype=torch.long)
+            k, scale = k * stretch.view(shape), scale / stretch
             if int(k.min()) < -128 or int(k.max()) > 127:
                 raise ExportError(
                     f"layer {name!r}: its {codes.bits}-bit {codes.scheme} weights need integers in "
@@ -263,18 +406,22 @@ class _Exporter:
             out = b.node("DequantizeLinear", [w, s, z], f"{name}.weight", axis=0)
             row = {"weight_bits": codes.bits, "scheme": codes.scheme,
                    "storage": "int8" if dtype == "int8" else "uint8 (k + 128, zero point 128)",
-                   "levels": levels, "stretch": stretch, "scales": int(k.shape[0])}
-            return out, scale.float().double(), row
+                   "levels": levels, "stretch": int(stretch.max()), "stretch_min": int(stretch.min()),
+                   "scales": int(k.shape[0])}
+            if bias is not None and target is not None:  # an integer kernel will add it: int32, chosen here
+                row["bias"] = {"storage": "int32", "max_error_levels": float(bias_err.abs().max()),
+                               "calibration_flips": int(flips.sum())}
+                return out, scale.float().double(), row, (bias_codes, bias_scale)
+            return out, scale.float().double(), row, None
         w = layer.weight.detach().double()
         if fold is not None:
             w = w * fold.view((-1,) + (1,) * (w.dim() - 1))
         self.b.float_layers.append(name)
         row = {"weight_bits": 32, "scheme": "float", "storage": "float32", "levels": "-", "scales": 0}
-        return b.const(f"{name}.weight", w.float().numpy()), torch.empty(0), row
+        return b.const(f"{name}.weight", w.float().numpy()), torch.empty(0), row, None
 
     def _bias(self, bias: torch.Tensor | None, name: str) -> str | None:
-        """The float bias (onnxruntime's integer kernels round it to int32 on their accumulator's grid
-        themselves; the graph keeps the exact value, so its reference semantics are the simulation's)."""
+        """The float bias of a layer run on float kernels (an integer kernel's int32 bias: :func:`_fit_bias`)."""
         if bias is None:
             return None
         return self.b.const(f"{name}.bias", bias.float().numpy())
@@ -291,23 +438,68 @@ class _Exporter:
             g, mean, beta = _bn_fold(bn[1], m.out_channels, bn[0])
             fold = g
             bias = ((bias if bias is not None else 0.0) - mean) * g + beta
-        w, scale, row = self._weight(m, name, fold, x)
-        ins = [x.name, w]
-        bname = self._bias(bias, name)
-        if bname is not None:
-            ins.append(bname)
+        target = self.targets.get(node)
         ph, pw = _pair(m.padding)
-        out = self.b.node("Conv", ins, name, kernel_shape=_pair(m.kernel_size), strides=_pair(m.stride),
-                          pads=[ph, pw, ph, pw], dilations=_pair(m.dilation), group=int(m.groups))
+        geometry = {"kernel_shape": _pair(m.kernel_size), "strides": _pair(m.stride), "pads": [ph, pw, ph, pw],
+                    "dilations": _pair(m.dilation), "group": int(m.groups)}
+        w, scale, row, bias_q = self._weight(m, name, fold, x, bias, target)
+        if name in self.exact and bias_q is not None and x.codes is not None and not x.grid.signed:
+            return self._conv_integer(m, name, fold, x, bias, geometry, row, bn)
+        ins = [x.name, w]
+        if bias_q is not None:  # DequantizeLinear(int32 B, s_x·s_w): what the integer kernel adds, exactly
+            codes, bscale = bias_q
+            ins.append(self.b.node("DequantizeLinear", [
+                self.b.const(f"{name}.bias_int32", codes.numpy().astype(np.int32)),
+                self.b.const(f"{name}.bias_scale", bscale.numpy().astype(np.float32)),
+                self.b.const(f"{name}.bias_zero_point", np.zeros(codes.shape[0], dtype=np.int32))],
+                f"{name}.bias", axis=0))
+        else:
+            bname = self._bias(bias, name)
+            if bname is not None:
+                ins.append(bname)
+        out = self.b.node("Conv", ins, name, **geometry)
         self.b.layers.append({"name": name, "op": "Conv", **row, "batchnorm_folded": bn[0] if bn else None})
         return _Value(out)
+
+    def _conv_integer(self, m: nn.Conv2d, name: str, fold: torch.Tensor | None, x: _Value,
+                      bias: torch.Tensor | None, geometry: dict, fitted: dict, bn: tuple | None) -> _Value:
+        """The convolution as ``ConvInteger`` (exact int32 sums of the integers) with a float epilogue —
+        ``acc · s_x·s_w + b`` — for a layer whose int32 bias, however rounded, would flip calibration
+        pre-activations that lie a hair from a level boundary (:func:`_fit_bias`): the sums are the integer
+        kernel's, the bias is added in float as the simulation adds it. Slower than QLinearConv (about a float
+        convolution's time), so only where needed."""
+        b = self.b
+        codes = weight_codes(m, name)
+        k = codes.k.clone()
+        scale = codes.scale.double() * (fold if fold is not None else 1.0)
+        shape = (-1,) + (1,) * (k.dim() - 1)
+        k = torch.where((scale < 0).view(shape), -k, k)
+        scale = scale.abs()
+        assert x.grid is not None and x.codes is not None
+        w = b.const(f"{name}.weight_uint8", (k.numpy() + 128).astype(np.uint8))
+        acc = b.node("ConvInteger", [x.codes, w, b.const(f"{name}.input_zero_point", np.uint8(x.grid.zero_point)),
+                                     b.const(f"{name}.weight_zero_point", np.uint8(128))], f"{name}.acc",
+                     **geometry)
+        y = b.node("Cast", [acc], f"{name}.float", to=1)
+        channel = (1, -1, 1, 1)
+        y = b.node("Mul", [y, b.const(f"{name}.acc_scale", (scale * x.grid.scale).float().numpy().reshape(channel))],
+                   f"{name}.scaled")
+        if bias is not None:
+            y = b.node("Add", [y, b.const(f"{name}.bias", bias.float().numpy().reshape(channel))], name)
+        row = {**fitted, "storage": "uint8 (k + 128, zero point 128)", "stretch": 1, "stretch_min": 1,
+               "kernel": "ConvInteger + float bias",
+               "bias": {"storage": "float32", "why": f"an int32 bias would flip "
+                        f"{fitted['bias']['calibration_flips']} calibration pre-activations near a level boundary"}}
+        b.layers.append({"name": name, "op": "ConvInteger", **row, "batchnorm_folded": bn[0] if bn else None})
+        return _Value(y)
 
     def linear(self, node: fx.Node, x: _Value) -> _Value:
         name = str(node.target)
         m = self.modules[name]
-        w, scale, row = self._weight(m, name, None, x)
+        bias = m.bias.detach().double() if m.bias is not None else None
+        w, scale, row, _ = self._weight(m, name, None, x)
         ins = [x.name, w]
-        bname = self._bias(m.bias.detach().double() if m.bias is not None else None, name)
+        bname = self._bias(bias, name)
         if bname is not None:
             ins.append(bname)
         out = self.b.node("Gemm", ins, name, transB=1)
@@ -343,11 +535,7 @@ class _Exporter:
                 "activations for a model meant for deployment"
             )
         n = 2**m.bits - 1
-        if isinstance(q, PACTActQuantizer):
-            alpha = q.alpha.detach().float().clamp_min(1e-8)
-            scale = float(alpha / n)  # as pact_quantize computes it, in float32
-        else:
-            scale = float(torch.tensor(float(q.alpha) / n, dtype=torch.float32))  # as fake_quant_q does
+        scale = _act_step(m)
         self.b.layers.append({"name": name, "op": "QuantizeLinear", "act_bits": m.bits, "scheme": q.scheme,
                               "storage": "uint8" + (f" (0…{n} by Clip)" if n < 255 else ""),
                               "range": [0.0, scale * n]})
@@ -372,6 +560,7 @@ class _Exporter:
                         and isinstance(self.modules[str(src.target)], nn.Conv2d)):
                     folds[src] = node
         bn_of_conv = {bn: conv for conv, bn in folds.items()}
+        self._collect_targets(graph, folds)
         # max-pooling commutes with a monotone activation quantizer (round(clamp(x/s)) never reverses an order),
         # so a MaxPool right after a QuantAct used only by it runs first, in float, then is quantized: the same
         # values, a quarter of them to quantize, and onnxruntime's fast float pooling
@@ -643,10 +832,26 @@ def to_onnx(
     graph, why = trace(net)
     if graph is None:
         raise ExportError(f"the model's forward cannot be traced for export: {why}")
-    exporter = _Exporter(net, weight_dtype)
+    exporter = _Exporter(net, weight_dtype, x, batch_size)
     proto = exporter.run(graph, shape)
     session = onnx_session(proto)
     agreement = measure_agreement(net, session, x, batch_size=batch_size)
+    # a layer whose int32 bias, however chosen, moves calibration pre-activations across a level boundary runs
+    # as ConvInteger with a float bias instead — one at a time, most flips first, kept only where it removes
+    # disagreements (8-bit flips are a 255th of the range and seldom reach a prediction; a 4-bit one can)
+    flips = {r["name"]: r["bias"]["calibration_flips"] for r in exporter.b.layers
+             if isinstance(r.get("bias"), dict) and r["bias"].get("calibration_flips")}
+    exact: frozenset[str] = frozenset()
+    for name in sorted(flips, key=lambda k: -flips[k]):
+        if agreement["disagreements"] == 0:
+            break
+        trial = _Exporter(net, weight_dtype, x, batch_size, targets=exporter.targets, exact=exact | {name})
+        trial_proto = trial.run(graph, shape)
+        trial_session = onnx_session(trial_proto)
+        trial_agreement = measure_agreement(net, trial_session, x, batch_size=batch_size)
+        if trial_agreement["disagreements"] < agreement["disagreements"]:
+            exact = exact | {name}
+            exporter, proto, session, agreement = trial, trial_proto, trial_session, trial_agreement
     reference = measure_agreement(net, onnx_session(proto, optimize=False), x, batch_size=batch_size)
     agreement["graph_reference"] = {k: reference[k] for k in ("agreement", "disagreements", "max_abs_logit_diff",
                                                               "mean_abs_logit_diff")}
