@@ -11,7 +11,9 @@ Every stage is a plain `qrobust` command (printed before it runs, recorded in th
 the same thing by hand, and a stopped stage continues where it stopped: training with `--resume` from its
 last epoch checkpoint, evaluation with `--resume` from its state file. A run takes 2 h on two idle CPU threads
 of an AVX2 machine (8.4 min per FGSM-RS epoch of ResNet-20 w4a4, fp32), three times that when another job
-shares the cores (then one thread is faster). On a GPU the same commands pick CUDA: for a lent device
+shares the cores (then one thread is faster). With ``--bf16`` on a CPU with AVX512-BF16, two runs side by side
+on one thread each: an epoch of w4a4 takes 4 min (FGSM-RS), 2–2.5 min (ODG-Q), 4.5–5 min (PGD-AT-2), so a
+15-epoch run is 0.6–1.2 h; the 1,000-image standard-suite evaluation (fp32) about 1 h. On a GPU the same commands pick CUDA: for a lent device
 machine, copy ../shared/data/cifar10-jpeg.tar.gz (20 MB) into a folder of the checkout that
 .git/info/exclude ignores, carry it, and pass --data-dir. Run folders go to ``--runs`` (default
 bench/runs/cifar_full, not committed: the `card` stage copies a finished checkpoint into the zoo).
@@ -115,6 +117,12 @@ def keep(runs: Path, name: str, n: int) -> list[Path]:
         rel = f.relative_to(src) if f.is_relative_to(src) else Path(f"eval{n}") / f.name
         _copy(f, dst / rel, f"{runs.resolve()}/", KEPT_RUNS)
         kept.append(dst / rel)
+    report = dst / f"eval{n}" / "report.json"
+    if report.exists():  # the plot report.md shows, drawn again from the kept report (titled runs/..., not here)
+        from qrobust.report import plot_accuracy, plot_name
+
+        data = json.loads(report.read_text(encoding="utf-8"))
+        kept.append(plot_accuracy(data, report.parent / plot_name(data)))
     return kept
 
 
@@ -175,9 +183,13 @@ def main() -> int:
         restore(runs, args.name, args.n)
     if args.stage == "plan":
         for name in RECIPES:
-            for cmd, out in ((train_command(runs, name, args.epochs, args.data_dir, args.bf16), run_dir(runs, name)),
-                             (eval_command(runs, name, args.n, args.data_dir), eval_dir(runs, name, args.n))):
-                print(f"[{'done' if _done(out) else 'todo'}] {shlex.join(cmd)}")
+            stages = ((train_command(runs, name, args.epochs, args.data_dir, args.bf16), run_dir(runs, name),
+                       KEPT / name),
+                      (eval_command(runs, name, args.n, args.data_dir), eval_dir(runs, name, args.n),
+                       KEPT / name / f"eval{args.n}"))
+            for cmd, out, kept in stages:
+                state = "done" if _done(out) else "kept" if _done(kept) else "todo"
+                print(f"[{state}] {shlex.join(cmd)}")
         return 0
     if args.stage == "train":
         cmd = train_command(runs, args.name, args.epochs, args.data_dir,
