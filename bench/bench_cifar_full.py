@@ -3,6 +3,7 @@
     python bench/bench_cifar_full.py plan                         # the commands, and which are done
     python bench/bench_cifar_full.py train w4a4-fgsm-rs           # one run (continues a stopped one)
     python bench/bench_cifar_full.py eval w4a4-fgsm-rs --n 1000   # standard suite (continues a stopped one)
+    python bench/bench_cifar_full.py evalq w4a4-fgsm-rs --n 500   # quantized suite, transfer from float-fgsm-rs
     python bench/bench_cifar_full.py card w4a4-fgsm-rs            # the zoo entry, from that evaluation
     python bench/bench_cifar_full.py keep w4a4-fgsm-rs            # copy its state into bench/results/cifar_full/
     python bench/bench_cifar_full.py summary                      # bench/results/cifar_full.json
@@ -13,9 +14,9 @@ last epoch checkpoint, evaluation with `--resume` from its state file. A run tak
 of an AVX2 machine (8.4 min per FGSM-RS epoch of ResNet-20 w4a4, fp32), three times that when another job
 shares the cores (then one thread is faster). With ``--bf16`` on a CPU with AVX512-BF16, two runs side by side
 on one thread each: an epoch of w4a4 takes 4 min (FGSM-RS), 2–2.5 min (ODG-Q), 4.5–5 min (PGD-AT-2), so a
-15-epoch run is 0.6–1.2 h; the 1,000-image standard-suite evaluation (fp32) about 1 h. On a GPU the same commands pick CUDA: for a lent device
-machine, copy ../shared/data/cifar10-jpeg.tar.gz (20 MB) into a folder of the checkout that
-.git/info/exclude ignores, carry it, and pass --data-dir. Run folders go to ``--runs`` (default
+15-epoch run is 0.6–1.2 h; the 1,000-image standard-suite evaluation (fp32) about 1 h. On a GPU the same
+commands pick CUDA: for a lent device machine, copy ../shared/data/cifar10-jpeg.tar.gz (20 MB) into a folder
+of the checkout that .git/info/exclude ignores, carry it, and pass --data-dir. Run folders go to ``--runs`` (default
 bench/runs/cifar_full, not committed: the `card` stage copies a finished checkpoint into the zoo).
 
 A machine whose scratch space does not outlive the session loses an unfinished run with it: ``keep NAME``
@@ -76,8 +77,23 @@ def eval_command(runs: Path, name: str, n: int, data_dir: str | None = None) -> 
             "--suite", "standard", "--out", str(eval_dir(runs, name, n)), "--resume"]
 
 
-def eval_dir(runs: Path, name: str, n: int) -> Path:
-    return Path(str(run_dir(runs, name)) + f"-eval{n}")
+def eval_dir(runs: Path, name: str, n: int, suite: str = "standard") -> Path:
+    return Path(str(run_dir(runs, name)) + ("-eval" if suite == "standard" else "-evalq") + str(n))
+
+
+def parent_of(name: str) -> str:
+    """The float run trained with the same recipe (the transfer attack's source): float-X for w4a4-X, else
+    float-fgsm-rs."""
+    twin = "float-" + name.split("-", 1)[1]
+    return twin if twin in RECIPES else "float-fgsm-rs"
+
+
+def evalq_command(runs: Path, name: str, n: int, data_dir: str | None = None) -> list[str]:
+    """The `quantized` suite — straight-through and float-surrogate APGD-CE/APGD-T, Square, SPSA, and transfer
+    from the float twin — on the first ``n`` test images."""
+    return ["qrobust", "eval", str(run_dir(runs, name)), "--dataset", "cifar10", *_data(data_dir), "--n", str(n),
+            "--suite", "quantized", "--parent", str(run_dir(runs, parent_of(name))),
+            "--out", str(eval_dir(runs, name, n, "quantized")), "--resume"]
 
 
 #: how a kept evaluation's text files name the runs folder: relative, never this machine's path
@@ -106,19 +122,20 @@ def keep(runs: Path, name: str, n: int) -> list[Path]:
     else:
         epochs = sorted((src / "checkpoints").glob("epoch_*.safetensors"))
         files += epochs[-1:]
-    ev = eval_dir(runs, name, n)
-    files += [ev / f for f in ("eval-state.json", "report.json", "report.md") if (ev / f).exists()]
+    evals = [eval_dir(runs, name, n)] + sorted(Path(str(src) + "-evalq").parent.glob(src.name + "-evalq*"))
+    for ev in evals:
+        files += [ev / f for f in ("eval-state.json", "report.json", "report.md") if (ev / f).exists()]
     if dst.exists():
         shutil.rmtree(dst)
     kept = []
     for f in files:
         if not f.exists():
             continue
-        rel = f.relative_to(src) if f.is_relative_to(src) else Path(f"eval{n}") / f.name
+        rel = f.relative_to(src) if f.is_relative_to(src) else Path(f.parent.name[len(src.name) + 1:]) / f.name
         _copy(f, dst / rel, f"{runs.resolve()}/", KEPT_RUNS)
         kept.append(dst / rel)
-    report = dst / f"eval{n}" / "report.json"
-    if report.exists():  # the plot report.md shows, drawn again from the kept report (titled runs/..., not here)
+    for report in sorted(dst.glob("eval*/report.json")):
+        # the plot report.md shows, drawn again from the kept report (titled runs/..., not this machine's path)
         from qrobust.report import plot_accuracy, plot_name
 
         data = json.loads(report.read_text(encoding="utf-8"))
@@ -131,9 +148,9 @@ def restore(runs: Path, name: str, n: int) -> None:
     src, dst = KEPT / name, run_dir(runs, name)
     if (dst / "config.json").exists() or not (src / "config.json").exists():
         return
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+    for f in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix != ".png"):
         rel = f.relative_to(src)
-        target = eval_dir(runs, name, n) / rel.name if rel.parts[0] == f"eval{n}" else dst / rel
+        target = Path(f"{dst}-{rel.parts[0]}") / rel.name if rel.parts[0].startswith("eval") else dst / rel
         _copy(f, target, f"{KEPT_RUNS}cifar10-resnet20-", f"{runs.resolve()}/cifar10-resnet20-")
     print(f"restored {name} from {src} into {dst}", flush=True)
 
@@ -163,7 +180,7 @@ def _done(path: Path) -> bool:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["plan", "train", "eval", "card", "keep", "summary"])
+    p.add_argument("stage", choices=["plan", "train", "eval", "evalq", "card", "keep", "summary"])
     p.add_argument("name", nargs="?", choices=sorted(RECIPES))
     p.add_argument("--runs", default=str(HERE / "runs" / "cifar_full"))
     p.add_argument("--n", type=int, default=1000, help="test images for the evaluation (default %(default)s)")
@@ -173,14 +190,22 @@ def main() -> int:
     p.add_argument("--data-dir", default=None, help="where cifar10-jpeg.tar.gz is (default: qrobust's search)")
     args = p.parse_args()
     runs = Path(args.runs)
-    if args.stage in ("train", "eval", "card", "keep") and not args.name:
+    if args.stage in ("train", "eval", "evalq", "card", "keep") and not args.name:
         p.error(f"{args.stage} needs a run name: one of {', '.join(sorted(RECIPES))}")
     if args.stage == "keep":
         for f in keep(runs, args.name, args.n):
             print(f"kept {f.relative_to(HERE.parent)} ({f.stat().st_size / 1e6:.2f} MB)")
         return 0
-    if args.stage in ("train", "eval", "card"):
+    if args.stage in ("train", "eval", "evalq", "card"):
         restore(runs, args.name, args.n)
+    if args.stage == "evalq":
+        if args.name.startswith("float"):
+            p.error("evalq is for a quantized run: its transfer attack comes from the float twin")
+        restore(runs, parent_of(args.name), args.n)
+        if not (run_dir(runs, parent_of(args.name)) / "final.safetensors").exists():
+            raise SystemExit(f"evalq {args.name}: its float twin {parent_of(args.name)} is not trained (no "
+                             f"{run_dir(runs, parent_of(args.name))}/final.safetensors): train it first")
+        return _run(evalq_command(runs, args.name, args.n, args.data_dir))
     if args.stage == "plan":
         for name in RECIPES:
             stages = ((train_command(runs, name, args.epochs, args.data_dir, args.bf16), run_dir(runs, name),
@@ -225,6 +250,19 @@ def main() -> int:
             "attack_time_s": {a["label"]: round(a["time_s"], 1) for a in r["results"][0]["attacks"]},
             "eval_time_s": round(r["wall_time_s"], 1), "n_eval": r["n_examples"], "flags": r.get("flags", []),
         }
+        for q in sorted(Path(str(run_dir(runs, name)) + "-evalq").parent.glob(run_dir(runs, name).name + "-evalq*")):
+            if (q / "report.json").exists():
+                rq = json.loads((q / "report.json").read_text())
+                summary[name]["quantized_suite"] = {
+                    "eval_command": shlex.join(evalq_command(Path("runs"), name, rq["n_examples"])),
+                    "n_eval": rq["n_examples"], "clean_accuracy": rq["clean_acc"],
+                    "robust_accuracy": rq["results"][0]["robust_accuracy"],
+                    "attacks": {a["label"]: a["robust_accuracy_after"] for a in rq["results"][0]["attacks"]},
+                    "own_robust_accuracy": {a["label"]: a.get("own_robust_accuracy")
+                                            for a in rq["results"][0]["attacks"]},
+                    "attack_time_s": {a["label"]: round(a["time_s"], 1) for a in rq["results"][0]["attacks"]},
+                    "eval_time_s": round(rq["wall_time_s"], 1), "flags": rq.get("flags", []),
+                }
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
