@@ -37,6 +37,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _keep import KEPT_RUNS, copy_file, run_files, show
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "cifar_full.json"
 KEPT = HERE / "results" / "cifar_full"
@@ -96,33 +98,14 @@ def evalq_command(runs: Path, name: str, n: int, data_dir: str | None = None) ->
             "--out", str(eval_dir(runs, name, n, "quantized")), "--resume"]
 
 
-#: how a kept evaluation's text files name the runs folder: relative, never this machine's path
-KEPT_RUNS = "runs/"
-_TEXT = (".json", ".md")
-
-
-def _copy(src: Path, dst: Path, old: str, new: str) -> None:
-    """Copy one file; in a report or state file, the runs folder's path ``old`` becomes ``new``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.suffix in _TEXT and src.parent.name != "checkpoints":
-        dst.write_text(src.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
-    else:
-        shutil.copy2(src, dst)
-
-
 def keep(runs: Path, name: str, n: int) -> list[Path]:
     """Copy the files run ``name`` (and its ``n``-image evaluation) needs to continue into KEPT/name, the
     evaluation's files naming the run as runs/... instead of this machine's path."""
     src, dst = run_dir(runs, name), KEPT / name
     if not (src / "config.json").exists():
         raise SystemExit(f"keep: {src} is not a run folder (no config.json): train it first")
-    files = [src / "config.json", src / "metrics.jsonl"]
-    if (src / "final.safetensors").exists():
-        files.append(src / "final.safetensors")
-    else:
-        epochs = sorted((src / "checkpoints").glob("epoch_*.safetensors"))
-        files += epochs[-1:]
-    evals = [eval_dir(runs, name, n)] + sorted(Path(str(src) + "-evalq").parent.glob(src.name + "-evalq*"))
+    files = run_files(src)
+    evals = [eval_dir(runs, name, n)] + sorted(src.parent.glob(src.name + "-evalq*"))
     for ev in evals:
         files += [ev / f for f in ("eval-state.json", "report.json", "report.md") if (ev / f).exists()]
     if dst.exists():
@@ -132,7 +115,7 @@ def keep(runs: Path, name: str, n: int) -> list[Path]:
         if not f.exists():
             continue
         rel = f.relative_to(src) if f.is_relative_to(src) else Path(f.parent.name[len(src.name) + 1:]) / f.name
-        _copy(f, dst / rel, f"{runs.resolve()}/", KEPT_RUNS)
+        copy_file(f, dst / rel, f"{runs.resolve()}/", KEPT_RUNS)
         kept.append(dst / rel)
     for report in sorted(dst.glob("eval*/report.json")):
         # the plot report.md shows, drawn again from the kept report (titled runs/..., not this machine's path)
@@ -151,7 +134,7 @@ def restore(runs: Path, name: str, n: int) -> None:
     for f in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix != ".png"):
         rel = f.relative_to(src)
         target = Path(f"{dst}-{rel.parts[0]}") / rel.name if rel.parts[0].startswith("eval") else dst / rel
-        _copy(f, target, f"{KEPT_RUNS}cifar10-resnet20-", f"{runs.resolve()}/cifar10-resnet20-")
+        copy_file(f, target, f"{KEPT_RUNS}cifar10-resnet20-", f"{runs.resolve()}/cifar10-resnet20-")
     print(f"restored {name} from {src} into {dst}", flush=True)
 
 
@@ -193,8 +176,7 @@ def main() -> int:
     if args.stage in ("train", "eval", "evalq", "card", "keep") and not args.name:
         p.error(f"{args.stage} needs a run name: one of {', '.join(sorted(RECIPES))}")
     if args.stage == "keep":
-        for f in keep(runs, args.name, args.n):
-            print(f"kept {f.relative_to(HERE.parent)} ({f.stat().st_size / 1e6:.2f} MB)")
+        show(keep(runs, args.name, args.n), HERE.parent)
         return 0
     if args.stage in ("train", "eval", "evalq", "card"):
         restore(runs, args.name, args.n)
@@ -250,7 +232,7 @@ def main() -> int:
             "attack_time_s": {a["label"]: round(a["time_s"], 1) for a in r["results"][0]["attacks"]},
             "eval_time_s": round(r["wall_time_s"], 1), "n_eval": r["n_examples"], "flags": r.get("flags", []),
         }
-        for q in sorted(Path(str(run_dir(runs, name)) + "-evalq").parent.glob(run_dir(runs, name).name + "-evalq*")):
+        for q in sorted(runs.glob(run_dir(runs, name).name + "-evalq*")):
             if (q / "report.json").exists():
                 rq = json.loads((q / "report.json").read_text())
                 summary[name]["quantized_suite"] = {

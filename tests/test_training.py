@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +143,31 @@ def test_resume_in_process_matches_uninterrupted(tmp_path, digits):
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_resume_reuses_a_finished_run_without_epoch_checkpoints(tmp_path, digits):
+    """A finished run kept as config.json + metrics.jsonl + final.safetensors (bench/_keep.py) is the run: a
+    resume returns its weights and history and trains nothing; other settings are refused as for any resume."""
+    train, _ = digits
+    done = fit(_digits_model(train.info), train, epochs=2, out=tmp_path / "run", max_batches=3)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    trained = []
+    again = fit(
+        _digits_model(train.info),
+        train,
+        epochs=2,
+        out=tmp_path / "run",
+        max_batches=3,
+        resume=True,
+        callbacks=[lambda record, model: trained.append(record["epoch"])],
+    )
+    assert trained == [] and again.history == done.history
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in metrics] == [1, 2]
+    for (k, a), b in zip(done.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ConfigError, match=r"fit.epochs 2 → 3"):
+        fit(_digits_model(train.info), train, epochs=3, out=tmp_path / "run", max_batches=3, resume=True)
 
 
 def _qrobust_cmd(*args):

@@ -18,8 +18,10 @@ A run folder (``out=``) holds::
 ``resume=True`` continues from the newest readable epoch checkpoint and ends with the same number of
 epochs and a complete ``metrics.jsonl`` as an uninterrupted run; a call whose settings differ from the run's
 (architecture, quantization, fit settings other than ``keep_checkpoints``/``eval_batch_size``, objective,
-metadata) is refused with the differences named, before anything is rewritten. Epoch checkpoints are ordered
-by their number (``checkpoint.epoch_checkpoints``), and ``keep_checkpoints=N`` keeps the newest N.
+metadata) is refused with the differences named, before anything is rewritten. A finished run that has no
+epoch checkpoints left (only ``final.safetensors``, as a kept copy holds it) is reused as it is, not trained
+again. Epoch checkpoints are ordered by their number (``checkpoint.epoch_checkpoints``), and
+``keep_checkpoints=N`` keeps the newest N.
 
 Before the objective's loss can fail deep inside torch, labels are checked against the model's outputs (the
 first forward tells how many); a NaN or infinite loss stops the run with :class:`TrainingDiverged`.
@@ -311,6 +313,19 @@ def _resume_conflicts(stored: dict, current: dict) -> list[str]:
     return _differences(stored, current, "")
 
 
+def _refuse_conflicts(out: Path, stored: dict, run_meta: dict, model: nn.Module) -> None:
+    """Refuse to resume the run in ``out`` (recorded as ``stored``) with this call's settings where they differ."""
+    conflicts = _resume_conflicts(
+        stored, {**run_meta, "arch": getattr(model, "qrobust_arch", None), "spec": getattr(model, "qrobust_spec", None)}
+    )
+    if conflicts:
+        raise ConfigError(
+            f"{out} was started with other settings than this call's ({'; '.join(conflicts)}): "
+            f"resume with the settings it was started with (see {out / 'config.json'}) or "
+            "choose another output folder"
+        )
+
+
 def _check_labels(y: torch.Tensor, num_classes: int) -> None:
     if y.numel() and int(y.min()) < 0:
         raise InputError(f"label {int(y.min())} is negative; labels must be 0…{num_classes - 1}")
@@ -474,22 +489,32 @@ def _fit(
             )
         if resume:
             state = _latest_state(out_path) if existing else None
-            if state is None:
+            final = out_path / ckpt.FINAL_NAME
+            if state is None and final.is_file():
+                # a finished run without its epoch checkpoints (a kept copy: bench/_keep.py): its final weights
+                # and history are the run, reused as they are (no optimizer state is left to train on with)
+                tensors, meta = ckpt.read_tensors(final)
+                stored = dict(meta.get("metadata") or {})
+                history = list(stored.pop("history", None) or [])
+                _refuse_conflicts(
+                    out_path, {**stored, "arch": meta.get("arch"), "spec": meta.get("spec")}, run_meta, model
+                )
+                ckpt.load_state_into(model, tensors, source=f"finished run {final}")
+                start_epoch = cfg.epochs
+                log.info("%s is a finished run (%s, no epoch checkpoints): reusing it", out_path, final.name)
+                if rank == 0:
+                    _write_metrics(out_path, history)
+            elif state is None:
                 log.warning("nothing to resume in %s: starting from scratch", out_path)
             else:
                 tensors, meta = state
                 ts = meta["training_state"]
-                conflicts = _resume_conflicts(
+                _refuse_conflicts(
+                    out_path,
                     {**meta.get("metadata", {}), "arch": meta.get("arch"), "spec": meta.get("spec")},
-                    {**run_meta, "arch": getattr(model, "qrobust_arch", None),
-                     "spec": getattr(model, "qrobust_spec", None)},
+                    run_meta,
+                    model,
                 )
-                if conflicts:
-                    raise ConfigError(
-                        f"{out_path} was started with other settings than this call's ({'; '.join(conflicts)}): "
-                        f"resume with the settings it was started with (see {out_path / 'config.json'}) or "
-                        "choose another output folder"
-                    )
                 ckpt.load_state_into(
                     model, {k: v for k, v in tensors.items() if not k.startswith("__")}, source="resume checkpoint"
                 )
