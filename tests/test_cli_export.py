@@ -80,3 +80,19 @@ def test_eval_of_an_onnx_export_reverifies_it(capsys, ckpts, tmp_path):
     assert code == 1 and "not the checkpoint" in err
     code, _, err = _run(capsys, "eval", onnx_path, "--suite", "quick")
     assert code == 2 and "re-verification suite" in err
+
+
+def test_an_export_of_a_zoo_model_finds_its_twin_in_the_zoo(capsys, tmp_path, monkeypatch):
+    """`qrobust export zoo:NAME` records the zoo name as its source; re-verifying the export must resolve that
+    name to the zoo's checkpoint (it used to look for a file called "zoo:NAME" and refuse)."""
+    from qrobust import zoo
+    from qrobust.export import DeployedModel, load_twin
+
+    monkeypatch.delenv(zoo.ENV, raising=False)
+    name = "zoo:digits-digits_cnn-w4a4-pgd-at"
+    code, out, err = _run(capsys, "export", name, "--dataset", "digits", "--calib", 200, "--out", tmp_path / "z.onnx")
+    assert code == 0, err
+    deployed = DeployedModel(tmp_path / "z.onnx")
+    assert deployed.qrobust_export["source"]["checkpoint"] == name
+    twin = load_twin(deployed)
+    assert twin.qrobust_meta["sha256"] == checkpoint.load(zoo.resolve(name)).qrobust_meta["sha256"]

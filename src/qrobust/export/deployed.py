@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust import checkpoint
+from qrobust import checkpoint, zoo
 from qrobust.errors import CheckpointError, InputError
 from qrobust.export.graph import onnx_session, read_onnx_metadata
 
@@ -75,7 +75,7 @@ def load_twin(deployed: DeployedModel, path: str | Path | None = None) -> nn.Mod
     if not where:
         raise CheckpointError(f"{deployed.path} does not record the checkpoint it was exported from: pass the "
                               "fake-quant checkpoint (--twin CKPT)")
-    if not Path(where).exists():
+    if not zoo.is_zoo_name(str(where)) and not Path(where).exists():  # a zoo name resolves where the zoo is
         raise CheckpointError(f"{deployed.path} was exported from {where}, which is not there now: pass the "
                               "fake-quant checkpoint (--twin CKPT)")
     twin = checkpoint.load(where)
