@@ -79,13 +79,14 @@ def _engines(fp32: torch.nn.Module, onnx_fp32: Any, quantized: dict[str, tuple[t
     return engines
 
 
-def _export_all(model, quantized_models: dict[str, torch.nn.Module], agree_x, tmp: Path, *,
+def _export_all(model, quantized_models: dict[str, torch.nn.Module], agree_x, tmp: Path, *, held_out=None,
                 min_agreement: float | None = None):
     """Export the float ``model`` (ONNX fp32) and each quantized model (ONNX integer, fake-quant and packed
-    checkpoints): sizes on disk, agreement on ``agree_x``; → (sizes, per-spec results, {spec: (model, session)},
-    the fp32 session)."""
+    checkpoints): sizes on disk, agreement on ``agree_x`` (the calibration images the export checks itself on
+    and fits its int32 biases to) and on ``held_out`` images; → (sizes, per-spec results,
+    {spec: (model, session)}, the fp32 session)."""
     from qrobust import checkpoint
-    from qrobust.export import onnx_session, save_packed, to_onnx
+    from qrobust.export import measure_agreement, onnx_session, save_packed, to_onnx
     from qrobust.quant import quantize
 
     sizes: dict[str, Any] = {}
@@ -106,6 +107,10 @@ def _export_all(model, quantized_models: dict[str, torch.nn.Module], agree_x, tm
                                     "onnx integer": res.info["onnx_bytes"], "packed": packed.stat().st_size},
                      "low_bit_storage": res.info["low_bit_storage"]}
         quantized[spec] = (q, onnx_session(res.path))
+        if held_out is not None:
+            agree = measure_agreement(q, quantized[spec][1], held_out)
+            out[spec]["held_out_agreement"] = {k: agree[k] for k in ("n", "agreement", "disagreements",
+                                                                      "max_abs_logit_diff", "mean_abs_logit_diff")}
     return sizes, out, quantized, onnx_session(fp32.path)
 
 
@@ -129,7 +134,8 @@ def bench_mnist(args, tmp: Path) -> dict[str, Any]:
     specs = ("w8a8", "w4a4")
     calib = train.tensors(512)[0]
     sizes, per_spec, quantized, onnx_fp32 = _export_all(
-        model, {spec: quantize(model, spec, calibrate=calib) for spec in specs}, x, tmp)
+        model, {spec: quantize(model, spec, calibrate=calib) for spec in specs}, x, tmp,
+        held_out=test.tensors(1000 if args.quick else 4000)[0][len(x):])
     result: dict[str, Any] = {
         "model": "small_cnn", "dataset": "MNIST (6,000 training images, 1 epoch; test: first 2,000)",
         "float_train_s": round(train_s, 1), "float_test_accuracy": _accuracy(model, x, y),
@@ -185,10 +191,12 @@ def bench_resnet(args, tmp: Path) -> dict[str, Any]:
     model = qrobust.load(float_name).eval()
     w4a4 = qrobust.load(w4_name).eval()
     train = load_dataset("cifar10", "train").subset(1000, seed=0)
-    x, y = load_dataset("cifar10", "test").tensors(256 if args.quick else 1000)
+    test = load_dataset("cifar10", "test")
+    x, y = test.tensors(256 if args.quick else 1000)
     calib = train.tensors()[0]
     quantized_models = {"w8a8": quantize(model, "w8a8", calibrate=calib), "w4a4": w4a4}
-    sizes, per_spec, quantized, onnx_fp32 = _export_all(model, quantized_models, x, tmp / "r")
+    sizes, per_spec, quantized, onnx_fp32 = _export_all(model, quantized_models, x, tmp / "r",
+                                                        held_out=test.tensors(2 * len(x))[0][len(x):])
     _test_accuracy(per_spec, quantized, x, y)
     log.info("resnet: exported and measured sizes/agreement")
     engines = _engines(model, onnx_fp32, quantized)
