@@ -128,6 +128,10 @@ def test_the_table_has_one_row_per_card(card, capsys):
     lines = table.splitlines()
     assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
     assert f"`zoo:{card['name']}`" in lines[2] and f"{card['robust_accuracy']:.2f}" in lines[2]
+    # an evaluation flag is shown beside the number it qualifies, never dropped
+    flagged = zoo.markdown_table([{**card, "flags": ["not_converged"]}]).splitlines()[2]
+    assert flagged.rstrip().endswith("| not_converged |")
+    assert zoo.markdown_table([{**card, "flags": []}]).splitlines()[2].rstrip().endswith("| none |")
     assert main(["zoo", "table"]) == 0
     assert capsys.readouterr().out == zoo.markdown_table(zoo.cards())
 

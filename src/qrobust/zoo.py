@@ -299,7 +299,7 @@ def _eps_text(eps: float, norm: str) -> str:
 def markdown_table(entries: Sequence[Mapping[str, Any]]) -> str:
     """The README's zoo table: one row per card (sorted by dataset, then robust accuracy, best first)."""
     head = ("| name | dataset | architecture | spec | recipe | clean % | robust % (worst case) | attacks | "
-            "threat | n_eval | train time |")
+            "threat | n_eval | train time | evaluation flags |")
     rule = "|" + "---|" * (head.count("|") - 1)
     rows = [head, rule]
     for c in sorted(entries, key=lambda c: (c["dataset"], -c["robust_accuracy"], c["name"])):
@@ -307,5 +307,6 @@ def markdown_table(entries: Sequence[Mapping[str, Any]]) -> str:
         minutes = c["train_time_s"] / 60
         rows.append(f"| `zoo:{c['name']}` | {c['dataset']} | {c['architecture']} | {c['spec']} | {c['recipe']} | "
                     f"{c['clean_accuracy']:.2f} | {c['robust_accuracy']:.2f} | {attacks} | "
-                    f"{c['norm']} ε = {_eps_text(c['eps'], c['norm'])} | {c['n_eval']} | {minutes:.1f} min |")
+                    f"{c['norm']} ε = {_eps_text(c['eps'], c['norm'])} | {c['n_eval']} | {minutes:.1f} min | "
+                    f"{', '.join(c.get('flags') or []) or 'none'} |")
     return "\n".join(rows) + "\n"
