@@ -157,6 +157,26 @@ def _run(cmd: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "qrobust.cli", *cmd[1:]], env=env)
 
 
+def paired(runs: Path, names: list[str], n: int) -> dict[str, dict]:
+    """Every pair of evaluated runs, compared sample by sample on the same ``n`` test images (exact McNemar on
+    the per-sample worst case: robust under one run only)."""
+    import torch
+
+    from qrobust.studies.harness import paired_test
+
+    masks = {}
+    for name in names:
+        r = json.loads((eval_dir(runs, name, n) / "report.json").read_text())
+        masks[name] = torch.tensor([c == "1" for c in r["results"][0]["robust"]])
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            t = paired_test(masks[a], masks[b])
+            out[f"{a} vs {b}"] = {"robust_a": int(masks[a].sum()), "robust_b": int(masks[b].sum()),
+                                  "only_a": t["only_a"], "only_b": t["only_b"], "p": t["p"]}
+    return out
+
+
 def _done(path: Path) -> bool:
     return (path / "final.safetensors").exists() or (path / "report.json").exists()
 
@@ -245,6 +265,7 @@ def main() -> int:
                     "attack_time_s": {a["label"]: round(a["time_s"], 1) for a in rq["results"][0]["attacks"]},
                     "eval_time_s": round(rq["wall_time_s"], 1), "flags": rq.get("flags", []),
                 }
+    summary["paired"] = paired(runs, [n for n in summary], args.n)
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
