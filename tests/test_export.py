@@ -253,7 +253,7 @@ def test_fit_bias_keeps_a_near_tie_on_its_side_of_the_boundary():
         assert float(err[c].abs()) == pytest.approx(float(e.abs().min()) / step, rel=1e-9)
 
 
-def test_a_trained_cifar_w4a4_resnet_exports_exactly(tmp_path):
+def test_a_trained_cifar_w4a4_resnet_exports_exactly(tmp_path, caplog):
     """The zoo's adversarially trained ResNet-20 w4a4 has a channel whose pre-activations sit 1.5e-5 levels from
     a boundary on many images (constant regions): with onnxruntime's int32 bias rounded the plain way, 1.7 % of
     test predictions differed (98.3 % agreement, refused). Fitted per-channel stretch and bias, and that layer
@@ -266,8 +266,10 @@ def test_a_trained_cifar_w4a4_resnet_exports_exactly(tmp_path):
         pytest.skip("needs ../shared/data (CIFAR-10)")
     model = qrobust.load("zoo:cifar10-resnet20-w4a4-fgsm-rs").eval()
     x, _ = load_dataset("cifar10", "test", root=root).tensors(1000)
-    res = to_onnx(model, tmp_path / "w4.onnx", calib=x[:500])
+    with caplog.at_level("INFO", logger="qrobust.export.graph"):
+        res = to_onnx(model, tmp_path / "w4.onnx", calib=x[:500])
     assert res.info["agreement"]["disagreements"] == 0
+    assert "layer1.0.conv1" in caplog.text and "ConvInteger" in caplog.text  # said, not silent
     held_out = measure_agreement(model, onnx_session(res.path), x[500:])
     assert held_out["disagreements"] <= 1, held_out
     kinds = {r["name"]: r["op"] for r in res.info["layers"] if r.get("op") in ("Conv", "ConvInteger")}

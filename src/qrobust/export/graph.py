@@ -852,6 +852,10 @@ def to_onnx(
         if trial_agreement["disagreements"] < agreement["disagreements"]:
             exact = exact | {name}
             exporter, proto, session, agreement = trial, trial_proto, trial_session, trial_agreement
+    if exact:
+        log.info("export: %s run(s) as ConvInteger with a float bias — no int32 bias keeps their calibration "
+                 "pre-activations on their side of the level boundaries (%s)", ", ".join(sorted(exact)),
+                 ", ".join(f"{k}: {flips[k]} flips" for k in sorted(exact)))
     reference = measure_agreement(net, onnx_session(proto, optimize=False), x, batch_size=batch_size)
     agreement["graph_reference"] = {k: reference[k] for k in ("agreement", "disagreements", "max_abs_logit_diff",
                                                               "mean_abs_logit_diff")}
