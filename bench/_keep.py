@@ -29,15 +29,25 @@ def copy_file(src: Path, dst: Path, old: str, new: str) -> None:
         shutil.copy2(src, dst)
 
 
+#: the largest file a keep copies into the repository (an ODG-Q epoch checkpoint carries its perturbation
+#: bank — 240 MB for CIFAR-10 — which does not belong in git)
+MAX_BYTES = 20_000_000
+
+
 def run_files(run: Path) -> list[Path]:
     """What the run folder ``run`` needs to continue: config.json and metrics.jsonl (where there), and
-    final.safetensors where the run finished, else its newest epoch checkpoint (by epoch number)."""
+    final.safetensors where the run finished, else its newest epoch checkpoint (by epoch number). A file above
+    :data:`MAX_BYTES` is refused (SystemExit naming it), never committed by accident."""
     from qrobust.checkpoint import FINAL_NAME, epoch_checkpoints
 
     files = [f for f in (run / "config.json", run / "metrics.jsonl") if f.exists()]
-    if (run / FINAL_NAME).exists():
-        return [*files, run / FINAL_NAME]
-    return [*files, *epoch_checkpoints(run)[-1:]]
+    files += [run / FINAL_NAME] if (run / FINAL_NAME).exists() else epoch_checkpoints(run)[-1:]
+    for f in files:
+        if f.stat().st_size > MAX_BYTES:
+            raise SystemExit(f"keep: {f} is {f.stat().st_size / 1e6:.0f} MB, too large to commit (an ODG-Q epoch "
+                             "checkpoint holds its perturbation bank): let the run finish — final.safetensors "
+                             "has no bank — or keep it outside git")
+    return files
 
 
 def show(files: list[Path], root: Path) -> None:
