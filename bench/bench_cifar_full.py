@@ -21,7 +21,8 @@ bench/runs/cifar_full, not committed: the `card` stage copies a finished checkpo
 
 A machine whose scratch space does not outlive the session loses an unfinished run with it: ``keep NAME``
 copies what a run needs to continue (config.json, metrics.jsonl, final.safetensors or else the newest epoch
-checkpoint, 2.2 MB for ResNet-20 with its optimizer state) and its evaluation's state file into
+checkpoint, refused above 2 MB: 2.2 MB for ResNet-20 with its optimizer state, so in practice a finished
+run) and its evaluation's state file into
 bench/results/cifar_full/NAME/, to be committed; ``train``/``eval``/``card`` copy a kept run back into
 ``--runs`` when it is not there, and say so.
 """
