@@ -156,10 +156,17 @@ def test_a_parent_checkpoint_that_does_not_fit_is_a_one_line_error(capsys, quick
     for extra, needle in ((["--natural", str(other)], "was trained on mnist, not digits"),
                           (["--adversarial", str(quantized)], "is a quantized checkpoint"),
                           (["--natural", str(nat), "--model", "small_cnn"], "not the --model small_cnn"),
-                          (["--natural", str(tmp_path / "missing")], "does not exist")):
+                          (["--natural", str(tmp_path / "missing")], "checkpoint not found"),
+                          (["--natural", "zoo:no-such-entry"], "no zoo entry 'no-such-entry'"),
+                          # a zoo name is taken like a path (it resolves, loads, and is then judged)
+                          (["--adversarial", "zoo:digits-digits_cnn-w4a4-pgd-at"], "is a quantized checkpoint")):
         assert main(["study", "layerwise", "--quick", *extra, "--out", str(tmp_path / "bad")]) in (1, 2)
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and needle in err, err
     assert main(["study", "threats", "--quick", "--parent", str(other), "--out", str(tmp_path / "bad2")]) in (1, 2)
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--parent" in err and "mnist" in err, err
+    assert main(["study", "threats", "--quick", "--parent", "zoo:no-such-entry", "--out", str(tmp_path / "bad3")]) \
+        in (1, 2)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--parent zoo:no-such-entry" in err and "no zoo entry" in err, err

@@ -89,7 +89,7 @@ from scipy.stats import binomtest
 from torch import nn
 
 from qrobust import checkpoint
-from qrobust.errors import ConfigError, InputError
+from qrobust.errors import CheckpointError, ConfigError, InputError
 from qrobust.quant import is_quantized
 from qrobust.report import new_figure, save_figure
 from qrobust.training import fit
@@ -378,6 +378,17 @@ TRAINING_OPTIONS = (
     Option("--n-eval", "int", "test images evaluated"),
     Option("--bf16", "flag", "train under bfloat16 autocast"),
 )
+
+
+def check_parent_path(flag: str, path: str | Path | None) -> None:
+    """Fail before any work when a study's parent checkpoint (``flag`` = its CLI option) cannot be found: a
+    checkpoint file, a run folder or a zoo name ``"zoo:NAME"``, as :func:`qrobust.checkpoint.load` takes."""
+    if path is None:
+        return
+    try:
+        checkpoint.resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"{flag} {path}: {e} (give a checkpoint file, a run folder or zoo:NAME)") from None
 
 
 def load_parent(path: str | Path, *, dataset: str, info: Any, model: str | None = None, flag: str = "--parent",

@@ -66,6 +66,7 @@ from qrobust.studies.harness import (
     Option,
     Study,
     StudyContext,
+    check_parent_path,
     dataset_defaults,
     md_table,
     new_figure,
@@ -240,8 +241,7 @@ class Layerwise(Study):
             raise ConfigError(f"unknown qat_objective {qat_objective!r}; choose from {sorted(QAT_OBJECTIVES)}")
         checkpoints = {"natural": natural, "pgd-at": adversarial}
         for flag, path in (("--natural", natural), ("--adversarial", adversarial)):
-            if path is not None and not Path(path).exists():
-                raise ConfigError(f"{flag} {path} does not exist: give a checkpoint file or run folder")
+            check_parent_path(flag, path)
         bits_l = [int(v) for v in bits]
         if not bits_l or any(not 2 <= v <= 8 for v in bits_l) or len(set(bits_l)) != len(bits_l):
             raise ConfigError(f"bits must be distinct bit-widths from 2 to 8, got {list(bits)}")

@@ -71,6 +71,7 @@ from qrobust.studies.harness import (
     Option,
     Study,
     StudyContext,
+    check_parent_path,
     dataset_defaults,
     md_table,
     new_figure,
@@ -241,8 +242,7 @@ class ThreatModels(Study):
         ft_cfg = dataclasses.replace(float_cfg, epochs=epochs or d["epochs"], lr=d["ft_lr"])
 
         # ---- the family: one float parent, a quantization-aware fine-tuned copy per bit-width
-        if parent is not None and not Path(parent).exists():
-            raise ConfigError(f"--parent {parent} does not exist: give a checkpoint file or run folder")
+        check_parent_path("--parent", parent)
 
         def build() -> nn.Module:
             torch.manual_seed(seed)
