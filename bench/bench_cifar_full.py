@@ -48,6 +48,8 @@ KEPT = HERE / "results" / "cifar_full"
 RECIPES: dict[str, tuple[str | None, list[str]]] = {
     "w4a4-fgsm-rs": ("w4a4", ["--objective", "fgsm-rs", "--co-guard", "restore"]),
     "float-fgsm-rs": (None, ["--objective", "fgsm-rs", "--co-guard", "restore"]),
+    # the natural baseline, and the natural parent of the layerwise and threats studies on CIFAR-10
+    "float-natural": (None, ["--objective", "ce"]),
     "w4a4-odgq": ("w4a4", ["--objective", "odgq", "--schedule", "onecycle"]),
     "float-odgq": (None, ["--objective", "odgq", "--schedule", "onecycle"]),
     "w4a4-pgd-at-2": ("w4a4", ["--objective", "pgd-at", "--train-steps", "2", "--train-alpha", "4/255",
