@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qrobust.analysis.allocation import local_gain
 from qrobust.analysis.lipschitz import (
     conv_spectral_norm,
+    downstream_lipschitz,
     format_lipschitz_table,
     infer_input_shape,
     lipschitz_table,
@@ -111,6 +113,36 @@ def test_residual_blocks_add_their_paths():
     assert rows[-1]["lipschitz"] == pytest.approx(25.0)  # (2 + 3)²
     assert rows[-1]["product"] == pytest.approx(36.0)  # the plain product is not the bound here
     assert rows[-1]["residual"]
+
+
+def test_downstream_bound_follows_the_path_a_layer_is_on():
+    model = nn.Sequential(nn.Flatten(), _Block(), nn.ReLU(), _Block())
+    tails = downstream_lipschitz(model, (2, 1, 1))
+    # a layer in the first block passes only the rest of its own path (nothing), then the second block (2 + 3);
+    # the plain product of every later row would be 3·2·3 = 18 for 1.main
+    assert tails == pytest.approx({"1.main": 5.0, "1.shortcut": 5.0, "3.main": 1.0, "3.shortcut": 1.0})
+    chain = build_model("digits_cnn", in_channels=1, input_size=8).eval()
+    rows = lipschitz_table(chain)
+    body = [r for r in rows if r["kind"] != "network"]
+    for name, t in downstream_lipschitz(chain, rows=rows).items():  # a feed-forward chain: the product after it
+        i = [r["name"] for r in body].index(name)
+        assert t == pytest.approx(math.prod(r["lipschitz"] for r in body[i + 1:]))
+
+
+def test_local_gain_is_exact_for_a_linear_tail_and_never_above_the_bound():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)).eval()
+    x = torch.randn(5, 4)
+    assert local_gain(model, model[0], x, iters=50) == pytest.approx(matrix_spectral_norm(model[1].weight), rel=1e-4)
+    net = build_model("resnet8", num_classes=3, in_channels=1, input_size=8).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.2, 2.0)
+            m.weight.data.uniform_(-2, 2)
+    tails = downstream_lipschitz(net, iters=100)
+    xs = torch.rand(4, 1, 8, 8)
+    gains = {n: local_gain(net, m, xs, iters=20) for n, m in net.named_modules() if n in tails}
+    assert set(gains) == set(tails) and all(0 < gains[n] <= tails[n] * 1.001 for n in tails), (gains, tails)
 
 
 @pytest.mark.parametrize("name,kw", [("resnet8", {}), ("resnet8", {"shortcut": "B"}), ("wrn-10-1", {})])

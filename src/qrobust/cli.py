@@ -769,7 +769,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 #: the methods whose cost needs adversarial calibration inputs (and so an ε)
-ADVERSARIAL_METHODS = ("lipschitz", "quanos")
+ADVERSARIAL_METHODS = ("lipschitz", "lipschitz-local", "quanos")
 ALLOCATION_FILES = ("allocation.json", "allocation.md")
 
 

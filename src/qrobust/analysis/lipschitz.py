@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "conv_spectral_norm",
+    "downstream_lipschitz",
     "format_lipschitz_table",
     "infer_input_shape",
     "lipschitz_bound",
@@ -324,6 +325,54 @@ def _bound(module: nn.Module, consts: dict[int, float | None]) -> float | None:
         return None if None in (pre, main, sc) else pre * (main + sc)  # type: ignore[operator]
     main = prod(rest)
     return None if main is None or sc is None else main + sc
+
+
+_NOT_HERE = object()
+
+
+def _tail(module: nn.Module, target: nn.Module, consts: dict[int, float | None]) -> Any:
+    """Residual-aware bound of the map from ``target``'s output to ``module``'s output (``_NOT_HERE`` when
+    ``target`` is not inside ``module``; None when a constant on the way is unknown). A perturbation of a layer
+    on a block's main path passes the rest of that path only (the shortcut does not see it), one on the
+    shortcut passes the rest of the shortcut; then every later sibling, each with its own (residual-aware)
+    bound."""
+    if module is target:
+        return 1.0
+    children = list(module.named_children())
+    if not children:
+        return _NOT_HERE
+    shortcut = dict(children).get("shortcut")
+    if shortcut is not None:
+        t = _tail(shortcut, target, consts)
+        if t is not _NOT_HERE:
+            return t  # the branches meet at the sum; what follows it (an activation) is 1-Lipschitz
+        children = [(n, c) for n, c in children if n != "shortcut"]
+    for i, (_, c) in enumerate(children):
+        t = _tail(c, target, consts)
+        if t is _NOT_HERE:
+            continue
+        later = [_bound(m, consts) for _, m in children[i + 1:]]
+        return None if t is None or any(v is None for v in later) else t * math.prod(later)  # type: ignore
+    return _NOT_HERE
+
+
+def downstream_lipschitz(model: nn.Module, input_shape: Sequence[int] | None = None, *, iters: int = 50,
+                         rows: list[dict[str, Any]] | None = None) -> dict[str, float | None]:
+    """``{weight layer name: bound}``: for every Conv2d/Linear row of :func:`lipschitz_table` (``rows``, computed
+    when not given), a Lipschitz bound of the rest of the network as a function of that layer's output — how
+    far the logits can move per unit change of the layer's output. For a feed-forward chain it is the product
+    of the constants of every later row; a residual block contributes ``Lip(main) + Lip(shortcut)`` when the
+    layer is before it, and only the rest of its own path when the layer is inside it (the plain product of
+    every later row would multiply shortcut and main path in sequence and grow much faster with depth)."""
+    rows = rows if rows is not None else lipschitz_table(model, input_shape, iters=iters)
+    modules = dict(model.named_modules())
+    consts = {id(modules[r["name"]]): r["lipschitz"] for r in rows if r["kind"] != "network" and r["name"] in modules}
+    out: dict[str, float | None] = {}
+    for r in rows:
+        if r["kind"] in ("conv", "linear") and r["name"] in modules:
+            t = _tail(model, modules[r["name"]], consts)
+            out[r["name"]] = None if t is _NOT_HERE else t
+    return out
 
 
 def lipschitz_bound(model: nn.Module, input_shape: Sequence[int] | None = None, *, iters: int = 50) -> float | None:
