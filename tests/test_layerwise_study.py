@@ -36,25 +36,26 @@ def test_quick_run_writes_report_figures_and_claims(quick_run):
             assert r["robust_drop"] == pytest.approx(p["float_robust"] - r["robust"])
     layers = res["settings"]["layers"]
     cells = {(r["parent"], r["budget"], r["method"]) for r in res["part2"]}
-    assert len(cells) == 2 * 2 * 5
+    assert len(cells) == 2 * 2 * 6
     for r in res["part2"]:
         assert set(r["bits"]) == set(layers)
         avg = sum(layers[n] * b for n, b in r["bits"].items()) / sum(layers.values())
         assert avg == pytest.approx(r["average_bits"]) and avg <= r["budget"] + 1e-9
         assert 0 <= r["worst"] <= min(r["after"].values()) + 1e-9 and r["worst"] <= r["clean"]
     c = res["claims"]
-    assert set(c) == {"1", "2", "3"}
+    assert set(c) == {"1", "2", "3", "2+", "3+"}  # the paper's criterion, then our local-gain variant
     for k in c:
         assert c[k]["verdict"].startswith(VERDICT_WORDS), c[k]["verdict"]
     assert len(c["1"]["points"]) == 4 and all({"p", "only_a", "only_b"} <= set(q) for q in c["1"]["points"])
-    assert {(q["parent"], q["budget"], q["baseline"]) for q in c["2"]["points"]} == {
-        (p, b, m) for p in ("natural", "pgd-at") for b in (3.0, 4.0) for m in ("uniform", "hawq", "random")}
+    for k, crit in (("2", "lipschitz"), ("2+", "lipschitz-local")):
+        assert {(q["criterion"], q["parent"], q["budget"], q["baseline"]) for q in c[k]["points"]} == {
+            (crit, p, b, m) for p in ("natural", "pgd-at") for b in (3.0, 4.0) for m in ("uniform", "hawq", "random")}
     n_settings = len(layers) * len(res["settings"]["candidates"])
     for p, cons in res["consistency"].items():
         assert len(cons["settings"]) == n_settings
         r = cons["spearman"]["lipschitz"]
         assert r["n"] == n_settings and (r["rho"] is None or -1 <= r["rho"] <= 1)
-        assert c["3"]["spearman"][p] == r
+        assert c["3"]["spearman"][p] == r and c["3+"]["spearman"][p] == cons["spearman"]["lipschitz-local"]
     for png in ("part1.png", "bits.png", "consistency.png"):
         assert (quick_run / png).read_bytes()[:4] == b"\x89PNG"
     report = (quick_run / "report.md").read_text()

@@ -89,6 +89,10 @@ PARENTS = ("natural", "pgd-at")
 PARENT_NAMES = {"natural": "natural", "pgd-at": "PGD-AT"}
 MODES = {"w": "weights only", "wa": "weights + activations"}
 BASELINES = ("uniform", "hawq", "random")
+#: the criteria whose claims 2 and 3 are judged: the paper's (a Lipschitz *bound* of the rest of the network) and
+#: our variant with its local gain at the adversarial calibration points (docs/layerwise.md §7)
+OURS = ("lipschitz", "lipschitz-local")
+CLAIM_NAMES = {"lipschitz": "Lipschitz", "lipschitz-local": "local-gain Lipschitz (ours)"}
 #: the fine-tunes after allocation: the name a user gives → the registered objective (qrobust.defenses)
 QAT_OBJECTIVES = {"natural": "ce", "pgd-at": "pgd-at"}
 
@@ -363,19 +367,19 @@ class Layerwise(Study):
                     part2.append(row)
         sizes = next(iter(costs.values())) if costs else {}
         c2_points, c2_qat = [], []
-        if "lipschitz" in methods_l:
+        for crit in (m for m in OURS if m in methods_l):
             for p in PARENTS:
                 for budget in budgets_l:
                     for base in (m for m in BASELINES if m in methods_l):
-                        lip = next(r for r in part2 if (r["parent"], r["budget"], r["method"]) == (p, budget,
-                                                                                                  "lipschitz"))
+                        lip = next(r for r in part2 if (r["parent"], r["budget"], r["method"]) == (p, budget, crit))
                         ref = next(r for r in part2 if (r["parent"], r["budget"], r["method"]) == (p, budget, base))
-                        t = paired_test(masks[p, budget, "lipschitz"], masks[p, budget, base])
-                        c2_points.append({"parent": p, "budget": budget, "baseline": base, "lipschitz": lip["worst"],
-                                          "other": ref["worst"], "holds": t["only_a"] > t["only_b"], **t})
+                        t = paired_test(masks[p, budget, crit], masks[p, budget, base])
+                        c2_points.append({"criterion": crit, "parent": p, "budget": budget, "baseline": base,
+                                          "lipschitz": lip["worst"], "other": ref["worst"],
+                                          "holds": t["only_a"] > t["only_b"], **t})
                         if qat_masks:
-                            t = paired_test(qat_masks[p, budget, "lipschitz"], qat_masks[p, budget, base])
-                            c2_qat.append({"parent": p, "budget": budget, "baseline": base,
+                            t = paired_test(qat_masks[p, budget, crit], qat_masks[p, budget, base])
+                            c2_qat.append({"criterion": crit, "parent": p, "budget": budget, "baseline": base,
                                            "lipschitz": lip["qat"]["worst"], "other": ref["qat"]["worst"],
                                            "holds": t["only_a"] > t["only_b"], **t})
 
@@ -434,22 +438,32 @@ def _layer_sizes(model: nn.Module) -> dict[str, int]:
 # ============================================================================================ claims
 def _claims(c1: list[dict[str, Any]], c2: list[dict[str, Any]], cons: Mapping[str, Any],
             c2_qat: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    rhos = {p: c["spearman"].get("lipschitz") for p, c in cons.items()}
-    # a parent counts for claim 3 only where ρ is positive *and* significant: ρ = +0.02 (p = 0.9) is no ranking
-    sig3 = [r["rho"] is not None and r["rho"] > 0 and r["p"] is not None and r["p"] < ALPHA
-            for r in rhos.values() if r is not None]
-    pts3 = [(ok, ok) for ok in sig3]
-    return {
+    """Claims 1–3 for the paper's criterion; claims ``2+``/``3+`` the same for our local-gain variant where it ran
+    (a point without ``criterion`` is the paper's, as in results written before the variant existed)."""
+    out: dict[str, Any] = {
         "1": {"claim": "an adversarially trained model loses more robust accuracy to post-training quantization",
-              "points": c1, "verdict": verdict([(c["holds"], c["holds"] and significant(c)) for c in c1])},
-        "2": {"claim": "Lipschitz allocation beats uniform, HAWQ and random at equal budget on robust accuracy",
-              "points": c2, "verdict": verdict([(c["holds"], significant(c)) for c in c2]),
-              "qat_points": c2_qat or [],
-              "qat_verdict": verdict([(c["holds"], significant(c)) for c in c2_qat]) if c2_qat else "not measured"},
-        "3": {"claim": "the Lipschitz criterion ranks single-layer settings as their measured adversarial loss does",
-              "spearman": rhos, "verdict": verdict(pts3) if all(r is not None for r in rhos.values())
-              else "not measured"},
-    }
+              "points": c1, "verdict": verdict([(c["holds"], c["holds"] and significant(c)) for c in c1])}}
+    for crit, suffix in zip(OURS, ("", "+")):
+        pts = [c for c in c2 if c.get("criterion", "lipschitz") == crit]
+        qat = [c for c in (c2_qat or []) if c.get("criterion", "lipschitz") == crit]
+        rhos = {p: c["spearman"].get(crit) for p, c in cons.items()}
+        if suffix and not pts and all(r is None for r in rhos.values()):
+            continue
+        # a parent counts for claim 3 only where ρ is positive *and* significant: ρ = +0.02 (p = 0.9) is no ranking
+        sig3 = [r["rho"] is not None and r["rho"] > 0 and r["p"] is not None and r["p"] < ALPHA
+                for r in rhos.values() if r is not None]
+        name = CLAIM_NAMES[crit]
+        out["2" + suffix] = {
+            "claim": f"{name} allocation beats uniform, HAWQ and random at equal budget on robust accuracy",
+            "criterion": crit, "points": pts, "verdict": verdict([(c["holds"], significant(c)) for c in pts]),
+            "qat_points": qat, "qat_verdict": verdict([(c["holds"], significant(c)) for c in qat]) if qat
+            else "not measured"}
+        out["3" + suffix] = {
+            "claim": f"the {name} criterion ranks single-layer settings as their measured adversarial loss does",
+            "criterion": crit, "spearman": rhos,
+            "verdict": verdict([(ok, ok) for ok in sig3]) if all(r is not None for r in rhos.values())
+            else "not measured"}
+    return out
 
 
 # ============================================================================================ report
@@ -465,7 +479,13 @@ def _report(res: Mapping[str, Any]) -> str:
     loaded = {p: v["checkpoint"] for p, v in srcs.items() if v.get("checkpoint")}
     if loaded:
         trained = [PARENT_NAMES[p] for p in PARENTS if p not in loaded]
-        origin = ("Parents from checkpoints: " + "; ".join(f"{PARENT_NAMES[p]} `{v}`" for p, v in loaded.items())
+        def role(p: str) -> str:  # a parent trained otherwise than its role says (FGSM-RS as the robust one)
+            got = ((srcs[p].get("objective") or {}).get("name"))
+            return f" (trained with {got}; the tables call it {PARENT_NAMES[p]})" \
+                if got and got != {"natural": "ce", "pgd-at": "pgd-at"}[p] else ""
+
+        origin = ("Parents from checkpoints: " + "; ".join(f"{PARENT_NAMES[p]} `{v}`{role(p)}"
+                                                             for p, v in loaded.items())
                   + (f"; {', '.join(trained)} trained here ({s['fit']['epochs']} epochs on {s['n_train']} "
                      "training images)" if trained else "") + ".")
     else:
@@ -552,15 +572,19 @@ def _report(res: Mapping[str, Any]) -> str:
              "per-sample lost masks): " + "; ".join(
                  f"{MODES[q['mode']]} {q['bits']} bits {_drop(q['at_drop'])} vs {_drop(q['natural_drop'])} "
                  f"({paired_text(q, signed=True)})" for q in c["1"]["points"]) + ".")
-    L.append(f"2. *{c['2']['claim']}* — **{c['2']['verdict']}**. " + ("; ".join(
-        f"{PARENT_NAMES[q['parent']]} {q['budget']:g} bits vs {q['baseline']}: {pct(q['lipschitz'])} vs "
-        f"{pct(q['other'])} % ({paired_text(q, signed=True)})" for q in c["2"]["points"]) or "not measured") + ".")
-    if c["2"].get("qat_points"):
-        L.append(f"   After the fine-tune — **{c['2']['qat_verdict']}**. " + "; ".join(
-            f"{PARENT_NAMES[q['parent']]} {q['budget']:g} bits vs {q['baseline']}: {pct(q['lipschitz'])} vs "
-            f"{pct(q['other'])} % ({paired_text(q, signed=True)})" for q in c["2"]["qat_points"]) + ".")
-    L.append(f"3. *{c['3']['claim']}* — **{c['3']['verdict']}**: "
-             + "; ".join(f"{PARENT_NAMES[p]} {_rho(r)}" for p, r in c["3"]["spearman"].items()) + ".")
+    for k in (k for k in ("2", "3", "2+", "3+") if k in c):
+        if k.startswith("2"):
+            L.append(f"{k}. *{c[k]['claim']}* — **{c[k]['verdict']}**. " + ("; ".join(
+                f"{PARENT_NAMES[q['parent']]} {q['budget']:g} bits vs {q['baseline']}: {pct(q['lipschitz'])} vs "
+                f"{pct(q['other'])} % ({paired_text(q, signed=True)})" for q in c[k]["points"]) or "not measured")
+                + ".")
+            if c[k].get("qat_points"):
+                L.append(f"   After the fine-tune — **{c[k]['qat_verdict']}**. " + "; ".join(
+                    f"{PARENT_NAMES[q['parent']]} {q['budget']:g} bits vs {q['baseline']}: {pct(q['lipschitz'])} vs "
+                    f"{pct(q['other'])} % ({paired_text(q, signed=True)})" for q in c[k]["qat_points"]) + ".")
+        else:
+            L.append(f"{k}. *{c[k]['claim']}* — **{c[k]['verdict']}**: "
+                     + "; ".join(f"{PARENT_NAMES[p]} {_rho(r)}" for p, r in c[k]["spearman"].items()) + ".")
     n = s["n_eval"]
     L.append(f"\nWith {n} test samples one accuracy has a standard error of about {100 * math.sqrt(0.25 / n):.1f} "
              "points; paired differences are judged by an exact McNemar test at α = 0.05 (a claim is *reproduced* "
@@ -609,7 +633,7 @@ def _plot_bits(res: Mapping[str, Any]) -> Any:
     s = res["settings"]
     layers = list(s["layers"])
     budgets = s["budgets"]
-    fig = new_figure((4.2 * len(budgets), 3.2 * len(PARENTS)))
+    fig = new_figure((max(4.2, 0.32 * len(layers)) * len(budgets), (3.2 if len(layers) <= 6 else 4.2) * len(PARENTS)))
     axes = fig.subplots(len(PARENTS), len(budgets), squeeze=False, sharey=True)
     for i, p in enumerate(PARENTS):
         for j, budget in enumerate(budgets):
@@ -620,7 +644,11 @@ def _plot_bits(res: Mapping[str, Any]) -> Any:
                 ax.bar([li + k * w - 0.4 + w / 2 for li in range(len(layers))], [r["bits"][n] for n in layers],
                        width=w, color=f"C{k}", label=f"{r['method']} ({pct(r['worst'])} %"
                        + (f" → QAT {pct(r['qat']['worst'])} %)" if "qat" in r else ")"))
-            ax.set_xticks(range(len(layers)), [f"{n}\n{s['layers'][n]:,}" for n in layers], fontsize=7)
+            if len(layers) > 6:  # a deep network: names and sizes upright, one per bar group
+                ax.set_xticks(range(len(layers)), [f"{n} ({s['layers'][n]:,})" for n in layers], fontsize=6,
+                              rotation=90)
+            else:
+                ax.set_xticks(range(len(layers)), [f"{n}\n{s['layers'][n]:,}" for n in layers], fontsize=7)
             ax.set_yticks([2, 3, 4, 5, 6, 8])
             ax.set_title(f"{PARENT_NAMES[p]} parent, budget {budget:g} bits", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
@@ -635,30 +663,50 @@ def _plot_bits(res: Mapping[str, Any]) -> Any:
 
 
 def _plot_consistency(res: Mapping[str, Any]) -> Any:
+    """Criterion against measured adversarial-loss increase, one panel per parent and criterion of ours. Few
+    layers: a colour per layer in the legend; many (a ResNet): colour = depth on a colour bar, so that no legend
+    of dozens of entries covers the points."""
+    import matplotlib as mpl  # deferred, as in qrobust.report
+
     cons = res["consistency"]
     clips = res["settings"].get("clips") or ["max"]
     markers = dict(zip(clips, "o^sDvP"))
-    fig = new_figure((4.5 * len(cons), 3.8))
-    axes = fig.subplots(1, len(cons), squeeze=False)
-    for ax, (p, c) in zip(axes[0], cons.items()):
-        layers = list(dict.fromkeys(s["layer"] for s in c["settings"]))
-        for k, layer in enumerate(layers):
-            for clip in clips:
-                pts = [s for s in c["settings"] if s["layer"] == layer and s.get("clip", "max") == clip
-                       and "lipschitz" in s["cost"]]
-                label = layer if len(clips) == 1 else f"{layer}, {clip}"
-                ax.scatter([max(s["cost"]["lipschitz"], 1e-12) for s in pts], [s["loss_increase"] for s in pts],
-                           color=f"C{k}", marker=markers[clip], label=label, s=22)
-                for s in pts:
-                    ax.annotate(str(s["bits"]), (max(s["cost"]["lipschitz"], 1e-12), s["loss_increase"]),
-                                fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("Lipschitz criterion c_l(b) (log)")
-        ax.set_ylabel("adversarial loss increase")
-        ax.set_title(f"{PARENT_NAMES[p]} parent: {_rho(c['spearman'].get('lipschitz'))}", fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6 if len(clips) > 1 else 7, ncol=1 if len(clips) == 1 else 2,
-                  title="layer (labels: bits)" if len(clips) == 1 else "layer, clip (labels: bits)",
-                  title_fontsize=7)
+    crits = [m for m in OURS if any(m in st["cost"] for c in cons.values() for st in c["settings"])] or ["lipschitz"]
+    fig = new_figure((4.5 * len(cons), 3.8 * len(crits)))
+    axes = fig.subplots(len(crits), len(cons), squeeze=False)
+    for i, crit in enumerate(crits):
+        for ax, (p, c) in zip(axes[i], cons.items()):
+            layers = list(dict.fromkeys(st["layer"] for st in c["settings"]))
+            deep = len(layers) > 8
+            cmap = mpl.colormaps["viridis"]
+            for k, layer in enumerate(layers):
+                colour = cmap(k / max(len(layers) - 1, 1)) if deep else f"C{k % 10}"
+                for clip in clips:
+                    pts = [st for st in c["settings"] if st["layer"] == layer and st.get("clip", "max") == clip
+                           and crit in st["cost"]]
+                    label = None if deep else (layer if len(clips) == 1 else f"{layer}, {clip}")
+                    xs = [max(st["cost"][crit], 1e-12) for st in pts]
+                    ax.scatter(xs, [st["loss_increase"] for st in pts], color=colour, marker=markers[clip],
+                               label=label, s=22)
+                    for st, xv in zip(pts, xs):
+                        ax.annotate(str(st["bits"]), (xv, st["loss_increase"]), fontsize=6, xytext=(3, 2),
+                                    textcoords="offset points")
+            ax.set_xscale("log")
+            ax.set_xlabel(f"{CLAIM_NAMES[crit]} criterion c_l(b) (log)")
+            ax.set_ylabel("adversarial loss increase")
+            ax.set_title(f"{PARENT_NAMES[p]} parent, {CLAIM_NAMES[crit]}: {_rho(c['spearman'].get(crit))}",
+                         fontsize=8)
+            ax.grid(alpha=0.3)
+            if deep:
+                sm = mpl.cm.ScalarMappable(cmap=cmap, norm=mpl.colors.Normalize(0, len(layers) - 1))
+                fig.colorbar(sm, ax=ax, label="layer (0 = first)", pad=0.01)
+                if len(clips) > 1:
+                    for clip in clips:
+                        ax.scatter([], [], color="grey", marker=markers[clip], label=f"clip {clip}")
+                    ax.legend(fontsize=7, title="labels: bits", title_fontsize=7, loc="best")
+            else:
+                ax.legend(fontsize=6 if len(clips) > 1 else 7, ncol=1 if len(clips) == 1 else 2,
+                          title="layer (labels: bits)" if len(clips) == 1 else "layer, clip (labels: bits)",
+                          title_fontsize=7)
     fig.tight_layout()
     return fig
