@@ -54,6 +54,9 @@ RECIPES: dict[str, tuple[str | None, list[str]]] = {
     "float-odgq": (None, ["--objective", "odgq", "--schedule", "onecycle"]),
     "w4a4-pgd-at-2": ("w4a4", ["--objective", "pgd-at", "--train-steps", "2", "--train-alpha", "4/255",
                                "--schedule", "onecycle"]),
+    # the PGD-AT float parent: the robust parent of the layerwise study (#12) and w4a4-pgd-at-2's transfer source
+    "float-pgd-at-2": (None, ["--objective", "pgd-at", "--train-steps", "2", "--train-alpha", "4/255",
+                              "--schedule", "onecycle"]),
     "dq-w4a4-fgsm-rs": ("w4a4", ["--objective", "dq", "--base", "fgsm-rs", "--beta", "3e-4",
                                  "--objective-options", '{"bn": "fold"}', "--co-guard", "restore"]),
 }

@@ -171,3 +171,21 @@ def test_a_parent_checkpoint_that_does_not_fit_is_a_one_line_error(capsys, quick
         in (1, 2)
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--parent zoo:no-such-entry" in err and "no zoo entry" in err, err
+
+
+def test_a_parent_trained_otherwise_than_its_role_is_named_by_its_training(quick_run):
+    """A loaded FGSM-RS parent in the robust role is called FGSM-RS in the tables and figures, not PGD-AT."""
+    from qrobust.studies.layerwise import parent_names
+
+    res = json.loads((quick_run / "results.json").read_text())
+    assert parent_names(res) == {"natural": "natural", "pgd-at": "PGD-AT"}  # trained here, as their roles say
+    res["settings"]["parents"] = {"natural": {"checkpoint": "a", "objective": {"name": "ce"}},
+                                  "pgd-at": {"checkpoint": "b", "objective": {"name": "fgsm-rs"}}}
+    assert parent_names(res) == {"natural": "natural", "pgd-at": "FGSM-RS (PGD-AT role)"}
+    report = render_results(res)
+    assert "| FGSM-RS (PGD-AT role) | float |" in report and "| PGD-AT |" not in report
+    assert "trained with fgsm-rs, not pgd-at" in report
+    figs = study_of(res).figures(res)
+    titles = [ax.get_title() for fig in figs.values() for ax in fig.axes]
+    assert any(t.startswith("FGSM-RS (PGD-AT role) parent") for t in titles)
+    assert not any(t.startswith("PGD-AT parent") for t in titles)

@@ -93,6 +93,22 @@ BASELINES = ("uniform", "hawq", "random")
 #: our variant with its local gain at the adversarial calibration points (docs/layerwise.md §7)
 OURS = ("lipschitz", "lipschitz-local")
 CLAIM_NAMES = {"lipschitz": "Lipschitz", "lipschitz-local": "local-gain Lipschitz (ours)"}
+#: the objective each role's parent is expected to have been trained with, and how an objective reads in a figure
+ROLE_OBJECTIVES = {"natural": "ce", "pgd-at": "pgd-at"}
+OBJECTIVE_NAMES = {"ce": "natural", "pgd-at": "PGD-AT", "fgsm-rs": "FGSM-RS", "trades": "TRADES", "odgq": "ODG-Q"}
+
+
+def parent_names(res: Mapping[str, Any]) -> dict[str, str]:
+    """What to call each parent in tables and figures: its role (natural, PGD-AT), or — for a loaded parent trained
+    otherwise than its role says, e.g. FGSM-RS as the robust one — "FGSM-RS (PGD-AT role)", so that no figure
+    names a training the model did not have."""
+    srcs = res["settings"].get("parents") or {}
+    out = {}
+    for p in PARENTS:
+        got = ((srcs.get(p) or {}).get("objective") or {}).get("name")
+        out[p] = (f"{OBJECTIVE_NAMES.get(got, got.upper())} ({PARENT_NAMES[p]} role)"
+                  if got and got != ROLE_OBJECTIVES[p] else PARENT_NAMES[p])
+    return out
 #: the fine-tunes after allocation: the name a user gives → the registered objective (qrobust.defenses)
 QAT_OBJECTIVES = {"natural": "ce", "pgd-at": "pgd-at"}
 
@@ -474,6 +490,7 @@ def _drop(v: float) -> str:
 def _report(res: Mapping[str, Any]) -> str:
     s = res["settings"]
     b = s["budget"]
+    names = parent_names(res)
     qat = s.get("qat") or {}
     srcs = s.get("parents") or {}
     loaded = {p: v["checkpoint"] for p, v in srcs.items() if v.get("checkpoint")}
@@ -481,8 +498,8 @@ def _report(res: Mapping[str, Any]) -> str:
         trained = [PARENT_NAMES[p] for p in PARENTS if p not in loaded]
         def role(p: str) -> str:  # a parent trained otherwise than its role says (FGSM-RS as the robust one)
             got = ((srcs[p].get("objective") or {}).get("name"))
-            return f" (trained with {got}; the tables call it {PARENT_NAMES[p]})" \
-                if got and got != {"natural": "ce", "pgd-at": "pgd-at"}[p] else ""
+            return (f" (trained with {got}, not {ROLE_OBJECTIVES[p]}: it stands in the {PARENT_NAMES[p]} role, and the "
+                    f"tables and figures call it {names[p]})" if got and got != ROLE_OBJECTIVES[p] else "")
 
         origin = ("Parents from checkpoints: " + "; ".join(f"{PARENT_NAMES[p]} `{v}`{role(p)}"
                                                              for p, v in loaded.items())
@@ -509,8 +526,8 @@ def _report(res: Mapping[str, Any]) -> str:
     head = ["parent", "mode", "bits", "clean", "clean drop", "robust", "robust drop"]
     rows = []
     for p, d in p1.items():
-        rows.append([PARENT_NAMES[p], "float", "32", pct(d["float_clean"]), "", pct(d["float_robust"]), ""])
-        rows += [[PARENT_NAMES[p], MODES[r["mode"]], r["bits"], pct(r["clean"]), _drop(r["clean_drop"]),
+        rows.append([names[p], "float", "32", pct(d["float_clean"]), "", pct(d["float_robust"]), ""])
+        rows += [[names[p], MODES[r["mode"]], r["bits"], pct(r["clean"]), _drop(r["clean_drop"]),
                   pct(r["robust"]), _drop(r["robust_drop"])] for r in d["rows"]]
     L += md_table(head, rows)
     L.append("\n![part 1](part1.png)\n")
@@ -523,7 +540,7 @@ def _report(res: Mapping[str, Any]) -> str:
     L.append(f"Worst case = per-sample worst of the standard suite: APGD-CE and APGD-T ({b['apgd_iter']} iterations "
              f"each, straight-through gradients), then Square ({b['square_queries']} queries). The columns per "
              "attack are cumulative (robust after that attack). Float parents: "
-             + "; ".join(f"{PARENT_NAMES[p]} clean {pct(v['clean'])} %, worst case {pct(v['worst'])} %"
+             + "; ".join(f"{names[p]} clean {pct(v['clean'])} %, worst case {pct(v['worst'])} %"
                          for p, v in res["float_standard"].items()) + ".\n")
     layers = list(s["layers"])
     for p in PARENTS:
@@ -531,7 +548,7 @@ def _report(res: Mapping[str, Any]) -> str:
             rs = [r for r in res["part2"] if r["parent"] == p and r["budget"] == budget]
             if not rs:
                 continue
-            L.append(f"### {PARENT_NAMES[p]} parent, budget {budget:g} bits\n")
+            L.append(f"### {names[p]} parent, budget {budget:g} bits\n")
             labels = list(rs[0]["after"])
             has_qat = all("qat" in r for r in rs)
             head = ["method", *layers, "avg bits", "size (KiB)", "clean", *labels, "**worst case**"]
@@ -555,14 +572,14 @@ def _report(res: Mapping[str, Any]) -> str:
              "PGD with straight-through gradients found weaker examples on the quantized network than on the float "
              "one). Spearman's ρ over all settings (uniform and random have no criterion of their own):\n")
     ms = sorted({m for c in res["consistency"].values() for m in c["spearman"]}, key=list(METHODS).index)
-    L += md_table(["parent", *ms], [[PARENT_NAMES[p], *(_rho(c["spearman"][m]) for m in ms)]
+    L += md_table(["parent", *ms], [[names[p], *(_rho(c["spearman"][m]) for m in ms)]
                                     for p, c in res["consistency"].items()])
     if any(c.get("clip_agreement") for c in res["consistency"].values()):
         any_c = next(c for c in res["consistency"].values() if c.get("clip_agreement"))
         chance = next(iter(any_c["clip_agreement"].values()))["chance"]
         L.append(f"\nClip agreement — of the (layer, bits) pairs, how often the method's cheapest clipping rule is "
                  f"the one with the least measured loss increase (chance {chance:.2f}):\n")
-        L += md_table(["parent", *ms], [[PARENT_NAMES[p], *(
+        L += md_table(["parent", *ms], [[names[p], *(
             f"{c['clip_agreement'][m]['agree']}/{c['clip_agreement'][m]['n']}" for m in ms)]
             for p, c in res["consistency"].items()])
     L.append("\n![consistency](consistency.png)\n")
@@ -575,16 +592,16 @@ def _report(res: Mapping[str, Any]) -> str:
     for k in (k for k in ("2", "3", "2+", "3+") if k in c):
         if k.startswith("2"):
             L.append(f"{k}. *{c[k]['claim']}* — **{c[k]['verdict']}**. " + ("; ".join(
-                f"{PARENT_NAMES[q['parent']]} {q['budget']:g} bits vs {q['baseline']}: {pct(q['lipschitz'])} vs "
+                f"{names[q['parent']]} {q['budget']:g} bits vs {q['baseline']}: {pct(q['lipschitz'])} vs "
                 f"{pct(q['other'])} % ({paired_text(q, signed=True)})" for q in c[k]["points"]) or "not measured")
                 + ".")
             if c[k].get("qat_points"):
                 L.append(f"   After the fine-tune — **{c[k]['qat_verdict']}**. " + "; ".join(
-                    f"{PARENT_NAMES[q['parent']]} {q['budget']:g} bits vs {q['baseline']}: {pct(q['lipschitz'])} vs "
+                    f"{names[q['parent']]} {q['budget']:g} bits vs {q['baseline']}: {pct(q['lipschitz'])} vs "
                     f"{pct(q['other'])} % ({paired_text(q, signed=True)})" for q in c[k]["qat_points"]) + ".")
         else:
             L.append(f"{k}. *{c[k]['claim']}* — **{c[k]['verdict']}**: "
-                     + "; ".join(f"{PARENT_NAMES[p]} {_rho(r)}" for p, r in c[k]["spearman"].items()) + ".")
+                     + "; ".join(f"{names[p]} {_rho(r)}" for p, r in c[k]["spearman"].items()) + ".")
     n = s["n_eval"]
     L.append(f"\nWith {n} test samples one accuracy has a standard error of about {100 * math.sqrt(0.25 / n):.1f} "
              "points; paired differences are judged by an exact McNemar test at α = 0.05 (a claim is *reproduced* "
@@ -615,7 +632,7 @@ def _plot_part1(res: Mapping[str, Any]) -> Any:
             for k, (p, d) in enumerate(res["part1"].items()):
                 rows = sorted((r for r in d["rows"] if r["mode"] == mode), key=lambda r: -r["bits"])
                 ax.plot([r["bits"] for r in rows], [100 * r[key] for r in rows], marker="os"[k % 2],
-                        label=f"{PARENT_NAMES[p]} (float {pct(d['float_' + what])} %)")
+                        label=f"{parent_names(res)[p]} (float {pct(d['float_' + what])} %)")
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_xticks(res["settings"]["bits"])
             ax.set_xlim(max(res["settings"]["bits"]) + 0.5, min(res["settings"]["bits"]) - 0.5)  # fewer bits →
@@ -650,7 +667,7 @@ def _plot_bits(res: Mapping[str, Any]) -> Any:
             else:
                 ax.set_xticks(range(len(layers)), [f"{n}\n{s['layers'][n]:,}" for n in layers], fontsize=7)
             ax.set_yticks([2, 3, 4, 5, 6, 8])
-            ax.set_title(f"{PARENT_NAMES[p]} parent, budget {budget:g} bits", fontsize=9)
+            ax.set_title(f"{parent_names(res)[p]} parent, budget {budget:g} bits", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
             ax.legend(fontsize=6, title="method (worst-case robust" + (", post-training → fine-tuned)" if any(
                 "qat" in r for r in rs) else ")"), title_fontsize=6, loc="upper left",
@@ -694,7 +711,7 @@ def _plot_consistency(res: Mapping[str, Any]) -> Any:
             ax.set_xscale("log")
             ax.set_xlabel(f"{CLAIM_NAMES[crit]} criterion c_l(b) (log)")
             ax.set_ylabel("adversarial loss increase")
-            ax.set_title(f"{PARENT_NAMES[p]} parent, {CLAIM_NAMES[crit]}: {_rho(c['spearman'].get(crit))}",
+            ax.set_title(f"{parent_names(res)[p]} parent, {CLAIM_NAMES[crit]}:\n{_rho(c['spearman'].get(crit))}",
                          fontsize=8)
             ax.grid(alpha=0.3)
             if deep:
