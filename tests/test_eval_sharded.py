@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,18 +31,6 @@ def trained(tmp_path_factory):
     return path
 
 
-def _torchrun(*args: str, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
-    with socket.socket() as s:  # a free port: other torchrun tests may run beside this one
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "QROBUST_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0 or not check, r.stderr[:3000]
-    return r
-
-
 def _numbers(rep: dict) -> dict:
     """What must not depend on the number of ranks: every mask, count and accuracy (not times, not flags
     of the run itself)."""
@@ -62,7 +46,7 @@ def _numbers(rep: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_qrobust_eval_under_torchrun_writes_the_single_process_report(trained, tmp_path):
+def test_qrobust_eval_under_torchrun_writes_the_single_process_report(trained, tmp_path, torchrun):
     model = qrobust.load(trained)
     x, y = load_dataset("digits", "test").tensors(n=N)
     ref = qrobust.evaluate(model, (x, y), suite="quick", eps=0.1, batch_size=BATCH, seed=SEED,
@@ -71,7 +55,7 @@ def test_qrobust_eval_under_torchrun_writes_the_single_process_report(trained, t
 
     out = tmp_path / "eval"
     # `--` ends torchrun's own options: its parser would take eval's --n for an abbreviation of its --nnodes
-    _torchrun("-m", "--", "qrobust.cli", "eval", str(trained), "--suite", "quick", "--eps", "0.1/1", "--n", str(N),
+    torchrun("-m", "--", "qrobust.cli", "eval", str(trained), "--suite", "quick", "--eps", "0.1/1", "--n", str(N),
               "--batch-size", str(BATCH), "--seed", str(SEED), "--out", str(out))
     got = json.loads((out / "report.json").read_text())
     assert _numbers(got) == _numbers(ref)
@@ -116,7 +100,7 @@ qrobust.evaluate(model, data, state_path=os.path.join(out, "killed-state.json"),
 
 
 @pytest.mark.slow
-def test_library_evaluate_under_torchrun_merges_examples_and_state(trained, tmp_path):
+def test_library_evaluate_under_torchrun_merges_examples_and_state(trained, tmp_path, torchrun):
     """A custom suite with a random black-box attack on the survivors, an ε sweep, kept adversarial
     examples, and a state file that a single process then continues from: the numbers of one process."""
     model = qrobust.load(trained)
@@ -126,7 +110,7 @@ def test_library_evaluate_under_torchrun_merges_examples_and_state(trained, tmp_
 
     script = tmp_path / "lib_eval.py"
     script.write_text(_LIBRARY)
-    r = _torchrun("--", str(script), str(trained), str(tmp_path), str(N), str(BATCH), str(SEED), json.dumps(SUITE),
+    r = torchrun("--", str(script), str(trained), str(tmp_path), str(N), str(BATCH), str(SEED), json.dumps(SUITE),
                   check=False)
     assert r.returncode != 0 and "rank 0 dies on purpose" in r.stderr, r.stderr[:3000]
     for name in ("examples", "state", "alone"):
@@ -165,12 +149,12 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_a_rank_that_fails_ends_the_run_instead_of_hanging_it(trained, tmp_path):
+def test_a_rank_that_fails_ends_the_run_instead_of_hanging_it(trained, tmp_path, torchrun):
     """Rank 1 fails while rank 0 waits for its batches: the run must end (no closing barrier after a failure),
     with the failure on stderr and no report written."""
     script = tmp_path / "failing.py"
     script.write_text(_FAILING)
-    r = _torchrun("--", str(script), "eval", str(trained), "--suite", "quick", "--eps", "0.1/1", "--n", str(N),
+    r = torchrun("--", str(script), "eval", str(trained), "--suite", "quick", "--eps", "0.1/1", "--n", str(N),
                   "--batch-size", str(BATCH), "--no-diagnostics", "--out", str(tmp_path / "ev"), timeout=120,
                   check=False)
     assert r.returncode != 0 and "rank 1 fails in the middle" in r.stderr

@@ -198,29 +198,10 @@ def test_killed_cli_run_resumes_to_a_complete_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path):
+def test_ddp_two_cpu_processes(tmp_path, torchrun):
     out = tmp_path / "ddp"
-    env = {**os.environ, "QROBUST_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=29517",
-        "-m",
-        "qrobust.cli",
-        "train",
-        "--dataset",
-        "digits",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "32",
-        "--out",
-        str(out),
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun("-m", "qrobust.cli", "train", "--dataset", "digits", "--epochs", "2", "--batch-size", "32",
+             "--out", str(out))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [rec["epoch"] for rec in lines] == [1, 2]
     # each of the 2 ranks saw half the data; the aggregated count is the whole (even-sized) training set
@@ -251,13 +232,10 @@ fit(nn.Linear(4, 3), data, epochs=1, batch_size=16, lr=0.1, device="cpu")  # the
 
 
 @pytest.mark.slow
-def test_a_library_fit_under_torchrun_closes_the_process_group_it_opened(tmp_path):
+def test_a_library_fit_under_torchrun_closes_the_process_group_it_opened(tmp_path, torchrun):
     script = tmp_path / "lib_ddp.py"
     script.write_text(_LIBRARY_DDP)
-    env = {**os.environ, "QROBUST_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "LOG_DIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", str(script)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(str(script), env={"LOG_DIR": str(tmp_path)})
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text().splitlines() == ["OPEN True 2", "CLOSED True"]
 
