@@ -1,4 +1,5 @@
-"""Small helpers shared by every room: progress bars, seeding, a model's device, eval mode, atomic writes."""
+"""Small helpers shared by every room: progress bars, seeding, a model's device, eval mode, atomic writes, and
+quieting native code that prints."""
 
 from __future__ import annotations
 
@@ -90,6 +91,26 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+@contextlib.contextmanager
+def native_stdout_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 to /dev/null for the body (scipy's HiGHS MIP solver
+    prints debugging lines there that no option turns off); Python's own ``sys.stdout`` is flushed first and
+    the descriptor restored afterwards, also when the body raises."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (an embedded interpreter): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _umask() -> int:

@@ -61,7 +61,7 @@ from qrobust.errors import ConfigError, InputError
 from qrobust.models.introspect import weight_layers
 from qrobust.quant import QuantSpec
 from qrobust.quant.functional import symmetric_weight_quantize
-from qrobust.utils import eval_mode, model_device
+from qrobust.utils import eval_mode, model_device, native_stdout_silenced
 from qrobust.validation import check_choice, check_eps, check_int, check_positive
 
 __all__ = ["CLIPS", "METHODS", "allocate", "check_clips", "clip_ratio", "layer_costs", "local_gain", "parse_setting",
@@ -327,8 +327,9 @@ def solve_allocation(costs: Mapping[str, Mapping[Any, float]], sizes: Mapping[st
     scale = float(np.abs(c).max()) or 1.0
     one = np.array([[1.0 if v[0] == n else 0.0 for v in var] for n in names])
     size = np.array([[sizes[n] * parse_setting(k)[0] for n, k in var]], dtype=float)
-    res = milp(c / scale, integrality=np.ones(len(var)), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(one, 1, 1), LinearConstraint(size, -np.inf, budget * total)])
+    with native_stdout_silenced():  # HiGHS prints "transformNewIntegerFeasibleSolution" lines on some programs
+        res = milp(c / scale, integrality=np.ones(len(var)), bounds=Bounds(0, 1),
+                   constraints=[LinearConstraint(one, 1, 1), LinearConstraint(size, -np.inf, budget * total)])
     if not res.success:
         raise ConfigError(f"the bit-allocation program failed: {res.message}")
     chosen = {var[i][0]: var[i][1] for i, v in enumerate(res.x) if v > 0.5}

@@ -109,6 +109,8 @@ def parent_names(res: Mapping[str, Any]) -> dict[str, str]:
         out[p] = (f"{OBJECTIVE_NAMES.get(got, got.upper())} ({PARENT_NAMES[p]} role)"
                   if got and got != ROLE_OBJECTIVES[p] else PARENT_NAMES[p])
     return out
+
+
 #: the fine-tunes after allocation: the name a user gives → the registered objective (qrobust.defenses)
 QAT_OBJECTIVES = {"natural": "ce", "pgd-at": "pgd-at"}
 
