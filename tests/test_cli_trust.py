@@ -85,6 +85,30 @@ def test_init_sets_the_architecture(capsys, digits_run, tmp_path):
     assert _run(capsys, "train", *TINY, "--init", digits_run, "--model", "digits_cnn", "--out", tmp_path / "y")[0] == 0
 
 
+def test_calib_sets_a_fine_tunes_activation_clips_from_the_init_model(capsys, digits_run, tmp_path):
+    """`--calib N` with --init: each activation's clip comes from the float model's outputs (as `quantize` does),
+    recorded in the checkpoint's spec; without it the spec's act_clip (6) stays. Misuse is a one-line error."""
+    base = ["train", *TINY, "--init", digits_run, "--bits", "w4a4"]
+    assert _run(capsys, *base, "--out", tmp_path / "plain")[0] == 0
+    code, _, err = _run(capsys, *base, "--calib", "64", "--out", tmp_path / "cal")
+    assert code == 0, err
+
+    def clips(run):
+        spec = checkpoint.load(run).qrobust_spec
+        return {n: ov["act_clip"] for n, ov in (spec.get("overrides") or {}).items() if "act_clip" in ov}
+
+    got = clips(tmp_path / "cal")
+    assert clips(tmp_path / "plain") == {} and got and all(v > 0 for v in got.values())
+    assert any(abs(v - 6.0) > 1e-3 for v in got.values())  # the float model's own ranges, not the default clip
+    assert json.loads((tmp_path / "cal" / "config.json").read_text())["calib"] == 64
+    _one_line_error(capsys, ["train", *TINY, "--bits", "w4a4", "--calib", "64", "--out", tmp_path / "x"], 2,
+                    "--calib", "--init")
+    _one_line_error(capsys, [*base[:-2], "--bits", "w4a32", "--calib", "64", "--out", tmp_path / "x"], 2,
+                    "leaves the activations float")
+    _one_line_error(capsys, [*base, "--calib", "100000", "--out", tmp_path / "x"], 2, "exceeds")
+    assert not (tmp_path / "x").exists()
+
+
 def test_objective_flags_and_json_must_agree(capsys, tmp_path):
     _one_line_error(capsys, ["train", *TINY, "--objective", "pgd-at", "--train-eps", "25", "--objective-options",
                              '{"eps": 0.2}', "--out", tmp_path / "x"], 2, "--train-eps and --objective-options")

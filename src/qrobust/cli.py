@@ -226,7 +226,17 @@ def build_for_data(args: argparse.Namespace, train_ds) -> Any:
     if spec is not None and not spec.is_float:
         # from scratch, the model learns with the spec's clips: only a trained float parent (--init) can lose
         # accuracy to them, and only then is the range warning true
-        model = quantize(model, spec, inplace=True) if args.init else quantize_as_saved(model, spec)
+        if args.init:
+            calib = None
+            if getattr(args, "calib", 0):
+                if args.calib > len(train_ds):
+                    raise UsageError(f"qrobust: --calib {args.calib} exceeds the {len(train_ds)} training images: "
+                                     f"give at most {len(train_ds)}")
+                calib = train_ds.subset(args.calib, seed=args.seed).tensors()[0]
+                log.info("activation clips calibrated on %d training images of the --init model", len(calib))
+            model = quantize(model, spec, inplace=True, calibrate=calib)
+        else:
+            model = quantize_as_saved(model, spec)
     return model
 
 
@@ -288,8 +298,24 @@ def make_train_objective(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
     return objective, {"train_eps": eps, "train_eps_source": source}
 
 
+def _check_calib(args: argparse.Namespace) -> None:
+    """``--calib N`` calibrates a fine-tune's activation clips: it needs --init and quantized activations."""
+    if not args.calib:
+        return
+    if args.calib < 0:
+        raise UsageError(f"qrobust: --calib must be a number of images ≥ 0, got {args.calib}")
+    if not args.init:
+        raise UsageError("qrobust: --calib calibrates the activation clips of a fine-tune from a float model: add "
+                         "--init CKPT, or drop --calib (a model trained from scratch learns with the spec's clips)")
+    spec = QuantSpec.parse(parse_bits(args.bits)) if args.bits else None
+    if spec is None or spec.act_bits >= 32:
+        raise UsageError(f"qrobust: --calib sets activation clips, but --bits {args.bits or 'float'} leaves the "
+                         "activations float: quantize them (e.g. --bits w4a4) or drop --calib")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     objective, eps_meta = make_train_objective(args)  # its settings are checked before any data is read
+    _check_calib(args)
     if args.out:
         check_out(Path(args.out))
     train_ds = load_data(args, "train")
@@ -325,7 +351,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config=cfg,
         out=out,
         resume=args.resume,
-        metadata={"dataset": args.dataset, "init": args.init, "n_train": len(train_ds), **eps_meta},
+        metadata={"dataset": args.dataset, "init": args.init, "n_train": len(train_ds), **eps_meta,
+                  **({"calib": args.calib} if args.calib else {})},
         callbacks=callbacks,
     )
     last = result.history[-1] if result.history else {}
@@ -1099,6 +1126,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--init", default=None,
                    help="start from this float checkpoint (quantization-aware fine-tuning); it sets the architecture")
+    t.add_argument("--calib", type=int, default=0,
+                   help="with --init and quantized activations: set each activation's clip from the float model's "
+                        "outputs on this many training images before fine-tuning (default 0: the spec's act_clip)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out after an interruption, with the settings it was started with")
     t.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-BITS)")

@@ -216,7 +216,8 @@ def _report_ranges(target: nn.Module, spec: QuantSpec, calibrated: bool) -> None
         shown = ", ".join(f"{n or '<root>'} [{lo:.3g}, {hi:.3g}]" for n, (lo, hi) in unbounded[:6])
         logger.warning(
             "quantize: %d activation(s) unbounded in float now clip at act_clip (%s%s); a model not trained "
-            "with that clip loses accuracy — pass calibrate=data to set each range from the data, or set act_clip",
+            "with that clip loses accuracy — pass calibrate=data (qrobust train: --calib N) to set each range "
+            "from the data, or set act_clip",
             len(unbounded), shown, " …" if len(unbounded) > 6 else "",
         )  # fmt: skip
 
