@@ -59,8 +59,20 @@ RECIPES: dict[str, tuple[str | None, list[str]]] = {
                               "--schedule", "onecycle"]),
     "dq-w4a4-fgsm-rs": ("w4a4", ["--objective", "dq", "--base", "fgsm-rs", "--beta", "3e-4",
                                  "--objective-options", '{"bn": "fold"}', "--co-guard", "restore"]),
+    # fine-tunes of a robust float run (``@NAME``: that run's folder as --init; its activation clips calibrated on
+    # 256 training images): the cost of a w4a4 model is then the parent's training plus this
+    "w4a4-ft-pgd-at-2": ("w4a4", ["--init", "@float-fgsm-rs", "--calib", "256", "--objective", "pgd-at",
+                                  "--train-steps", "2", "--train-alpha", "4/255", "--schedule", "cosine"]),
 }
+#: per-recipe epochs and peak lr where they differ from EPOCHS, LR (a fine-tune starts near its optimum)
+SETTINGS: dict[str, dict[str, float]] = {"w4a4-ft-pgd-at-2": {"epochs": 4, "lr": 0.01}}
 EPOCHS, LR = 15, 0.2
+
+
+def init_of(name: str) -> str | None:
+    """The run a fine-tune recipe starts from (its ``--init @NAME``), else None."""
+    flags = RECIPES[name][1]
+    return flags[flags.index("--init") + 1][1:] if "--init" in flags else None
 
 
 def run_dir(runs: Path, name: str) -> Path:
@@ -71,11 +83,15 @@ def _data(data_dir: str | None) -> list[str]:
     return ["--data-dir", data_dir] if data_dir else []
 
 
-def train_command(runs: Path, name: str, epochs: int = EPOCHS, data_dir: str | None = None,
+def train_command(runs: Path, name: str, epochs: int | None = None, data_dir: str | None = None,
                   bf16: bool = False) -> list[str]:
     bits, flags = RECIPES[name]
-    cmd = ["qrobust", "train", "--dataset", "cifar10", *_data(data_dir), "--model", "resnet20",
-           *(["--bits", bits] if bits else []), *flags, "--epochs", str(epochs), "--lr", str(LR),
+    flags = [str(run_dir(runs, f[1:])) if f.startswith("@") else f for f in flags]
+    own = SETTINGS.get(name, {})
+    epochs = epochs or int(own.get("epochs", EPOCHS))
+    model = [] if init_of(name) else ["--model", "resnet20"]  # a fine-tune's architecture is its --init's
+    cmd = ["qrobust", "train", "--dataset", "cifar10", *_data(data_dir), *model,
+           *(["--bits", bits] if bits else []), *flags, "--epochs", str(epochs), "--lr", str(own.get("lr", LR)),
            *(["--bf16"] if bf16 else []), "--keep-checkpoints", "2", "--seed", "0", "--out", str(run_dir(runs, name))]
     return cmd
 
@@ -90,8 +106,10 @@ def eval_dir(runs: Path, name: str, n: int, suite: str = "standard") -> Path:
 
 
 def parent_of(name: str) -> str:
-    """The float run trained with the same recipe (the transfer attack's source): float-X for w4a4-X, else
-    float-fgsm-rs."""
+    """The float run a quantized run is compared with (the transfer attack's source): a fine-tune's --init,
+    else the float run trained with the same recipe (float-X for w4a4-X), else float-fgsm-rs."""
+    if init_of(name):
+        return init_of(name)  # a fine-tune's parent is the run it started from
     twin = "float-" + name.split("-", 1)[1]
     return twin if twin in RECIPES else "float-fgsm-rs"
 
@@ -193,7 +211,8 @@ def main() -> int:
     p.add_argument("name", nargs="?", choices=sorted(RECIPES))
     p.add_argument("--runs", default=str(HERE / "runs" / "cifar_full"))
     p.add_argument("--n", type=int, default=1000, help="test images for the evaluation (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs (default: the recipe's, {EPOCHS} for training from scratch)")
     p.add_argument("--bf16", action="store_true",
                    help="train under bfloat16 autocast (1.9x faster where the CPU has AVX512-BF16 or AMX)")
     p.add_argument("--data-dir", default=None, help="where cifar10-jpeg.tar.gz is (default: qrobust's search)")
@@ -225,6 +244,12 @@ def main() -> int:
                 print(f"[{state}] {shlex.join(cmd)}")
         return 0
     if args.stage == "train":
+        parent = init_of(args.name)
+        if parent:
+            restore(runs, parent, args.n)
+            if not (run_dir(runs, parent) / "final.safetensors").exists():
+                raise SystemExit(f"train {args.name}: it fine-tunes {parent}, which is not trained (no "
+                                 f"{run_dir(runs, parent)}/final.safetensors): train it first")
         cmd = train_command(runs, args.name, args.epochs, args.data_dir,
                             trained_with_bf16(runs, args.name, args.bf16))
         if (run_dir(runs, args.name) / "config.json").exists():
@@ -258,6 +283,13 @@ def main() -> int:
             "attack_time_s": {a["label"]: round(a["time_s"], 1) for a in r["results"][0]["attacks"]},
             "eval_time_s": round(r["wall_time_s"], 1), "n_eval": r["n_examples"], "flags": r.get("flags", []),
         }
+        parent = init_of(name)
+        if parent and (run_dir(runs, parent) / "metrics.jsonl").exists():  # what the w4a4 model cost in all
+            ph = [json.loads(line) for line in (run_dir(runs, parent) / "metrics.jsonl").read_text().splitlines()
+                  if line.strip()]
+            summary[name]["init"] = parent
+            summary[name]["train_time_with_init_s"] = round(summary[name]["train_time_s"]
+                                                            + sum(h["epoch_time_s"] for h in ph), 1)
         for q in sorted(runs.glob(run_dir(runs, name).name + "-evalq*")):
             if (q / "report.json").exists():
                 rq = json.loads((q / "report.json").read_text())
