@@ -131,6 +131,10 @@ def test_fine_tune_and_clips_are_reported_side_by_side(shared_parents_run):
     # uniform at 3 bits: every layer 3 bits, each with its least-error clip; the fine-tune moved the numbers
     assert all(b == 3 for r in res["part2"] if r["method"] == "uniform" for b in r["bits"].values())
     assert any(r["qat"]["clean"] != r["clean"] for r in res["part2"])
+    for p, v in res["float_standard"].items():  # the control: each float parent given the same fine-tune
+        assert 0 <= v["qat"]["worst"] <= v["qat"]["clean"] and v["qat"]["clean"] != v["clean"]
+        assert (shared_parents_run / "runs" / f"qat-{p}-float" / "final.safetensors").exists()
+    assert "after the same fine-tune as the allocations, unquantized" in (shared_parents_run / "report.md").read_text()
     c2 = res["claims"]["2"]
     assert {(q["parent"], q["baseline"]) for q in c2["qat_points"]} == {("natural", "uniform"), ("pgd-at", "uniform")}
     assert c2["qat_verdict"].startswith(VERDICT_WORDS)

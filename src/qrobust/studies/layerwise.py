@@ -39,6 +39,7 @@ two parents' run folders under ``runs/``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -361,6 +362,15 @@ class Layerwise(Study):
         float_std: dict[str, Any] = {}
         for p, net in parents.items():
             float_std[p], _ = _standard(net, x, y, eps_v, b, seed)
+            if qat_obj is not None:
+                # the control: the float parent fine-tuned the same way. A fine-tuned allocation above its float
+                # parent may owe that to the extra (e.g. PGD) training, not to repairing quantization
+                log.info("%s parent, float: the same %d-epoch %s fine-tune (the control)", PARENT_NAMES[p],
+                         qat_epochs, qat_objective)
+                ft = ctx.fit(f"qat-{p}-float", copy.deepcopy(net), train, objective=qat_obj, config=qat_cfg,
+                             metadata={"dataset": dataset, "study": "layerwise", "parent": p,
+                                       "allocation": "float"}).model
+                float_std[p]["qat"], _ = _standard(ft, x, y, eps_v, b, seed)
             for budget in budgets_l:
                 for m in methods_l:
                     log.info("%s parent, %s allocation at %g bits", PARENT_NAMES[p], m, budget)
@@ -543,7 +553,13 @@ def _report(res: Mapping[str, Any]) -> str:
              f"each, straight-through gradients), then Square ({b['square_queries']} queries). The columns per "
              "attack are cumulative (robust after that attack). Float parents: "
              + "; ".join(f"{names[p]} clean {pct(v['clean'])} %, worst case {pct(v['worst'])} %"
+                         + (f" (after the same fine-tune as the allocations, unquantized: clean "
+                            f"{pct(v['qat']['clean'])} %, worst case {pct(v['qat']['worst'])} %)" if "qat" in v else "")
                          for p, v in res["float_standard"].items()) + ".\n")
+    if any("qat" in v for v in res["float_standard"].values()):
+        L.append("The fine-tuned float parent is the control for the fine-tuned allocations: an allocation that ends "
+                 "above its float parent owes at least the float parent's own gain to the extra training, not to "
+                 "the quantization.\n")
     layers = list(s["layers"])
     for p in PARENTS:
         for budget in s["budgets"]:
