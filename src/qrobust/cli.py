@@ -185,6 +185,15 @@ def load_data(args: argparse.Namespace, split: str):
     return ds
 
 
+def calibration_set(train: Any, n: int, seed: int, dataset: str) -> tuple[Any, Any]:
+    """``--calib N``: the (x, y) tensors of ``n`` training images drawn with ``seed``; more than the split holds is
+    a one-line error (quantize and a train --init fine-tune share it)."""
+    if n > len(train):
+        raise UsageError(f"qrobust: --calib {n} exceeds the {len(train)} training images of {dataset}: give at most "
+                         f"{len(train)}")
+    return train.subset(n, seed=seed).tensors()
+
+
 def build_for_data(args: argparse.Namespace, train_ds) -> Any:
     """The model the run asks for: from ``--init`` (fine-tuning) or built fresh for the dataset."""
     spec = QuantSpec.parse(parse_bits(args.bits)) if args.bits else None
@@ -228,11 +237,8 @@ def build_for_data(args: argparse.Namespace, train_ds) -> Any:
         # accuracy to them, and only then is the range warning true
         if args.init:
             calib = None
-            if getattr(args, "calib", 0):
-                if args.calib > len(train_ds):
-                    raise UsageError(f"qrobust: --calib {args.calib} exceeds the {len(train_ds)} training images: "
-                                     f"give at most {len(train_ds)}")
-                calib = train_ds.subset(args.calib, seed=args.seed).tensors()[0]
+            if args.calib:
+                calib = calibration_set(train_ds, args.calib, args.seed, args.dataset)[0]
                 log.info("activation clips calibrated on %d training images of the --init model", len(calib))
             model = quantize(model, spec, inplace=True, calibrate=calib)
         else:
@@ -862,10 +868,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         eps = given_eps if given_eps is not None else default_eps(args.dataset, "Linf", "--eps")
     train = load_dataset(args.dataset, "train", root=args.data_dir, download=args.download, cache_dir=args.cache_dir)
     check_model_fits(model, train.info, f"checkpoint {args.checkpoint}")
-    if args.calib > len(train):
-        raise UsageError(f"qrobust: --calib {args.calib} exceeds the {len(train)} training images of {args.dataset}: "
-                         f"give at most {len(train)}")
-    x, y = train.subset(args.calib, seed=args.seed).tensors()
+    x, y = calibration_set(train, args.calib, args.seed, args.dataset)
     if eps is not None:
         log.info("adversarial calibration inputs at ε = %s (L∞), %s", eps_text(eps),
                  "--eps" if given_eps is not None else f"the customary L∞ ε of {args.dataset}; pass --eps to choose")

@@ -511,7 +511,7 @@ def _report(res: Mapping[str, Any]) -> str:
         def role(p: str) -> str:  # a parent trained otherwise than its role says (FGSM-RS as the robust one)
             got = ((srcs[p].get("objective") or {}).get("name"))
             return (f" (trained with {got}, not {ROLE_OBJECTIVES[p]}: it stands in the {PARENT_NAMES[p]} role, and the "
-                    f"tables and figures call it {names[p]})" if got and got != ROLE_OBJECTIVES[p] else "")
+                    f"tables and figures call it {names[p]})" if names[p] != PARENT_NAMES[p] else "")
 
         origin = ("Parents from checkpoints: " + "; ".join(f"{PARENT_NAMES[p]} `{v}`{role(p)}"
                                                              for p, v in loaded.items())
