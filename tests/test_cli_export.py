@@ -96,3 +96,28 @@ def test_an_export_of_a_zoo_model_finds_its_twin_in_the_zoo(capsys, tmp_path, mo
     assert deployed.qrobust_export["source"]["checkpoint"] == name
     twin = load_twin(deployed)
     assert twin.qrobust_meta["sha256"] == checkpoint.load(zoo.resolve(name)).qrobust_meta["sha256"]
+
+
+def test_export_add_bits_saves_its_twin_and_says_the_function_changed(capsys, tmp_path, caplog):
+    """--add-bits quantizes a ResNet's residual additions before exporting: a different function, so its
+    fake-quant model is saved beside the export (the export's source, what eval re-verifies against) and the
+    change in accuracy is said in a warning."""
+    torch.manual_seed(0)
+    train = load_dataset("digits", "train")
+    model = build_model("resnet20", in_channels=1, input_size=8, num_classes=10)
+    fit(model, train, epochs=1, lr=0.05, batch_size=64, seed=0)
+    q = quantize(model, "w8a8", calibrate=train.tensors(256)[0])
+    checkpoint.save(q, tmp_path / "r.safetensors", dataset="digits")
+    with caplog.at_level("WARNING"):
+        code, out, err = _run(capsys, "export", tmp_path / "r.safetensors", "--out", tmp_path / "m.onnx",
+                              "--calib", 200, "--add-bits", 8)
+    assert code == 0, err
+    assert "a different function from" in caplog.text and "predictions changed" in caplog.text
+    twin = tmp_path / "m.add8.safetensors"
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert meta["source"]["checkpoint"] == str(twin) and "add_bits=8" in meta["spec"]["name"]
+    loaded = checkpoint.load(twin)
+    assert loaded.qrobust_meta["metadata"]["derived_from"] == str(tmp_path / "r.safetensors")
+    assert sum(getattr(m, "kind", None) == "identity" for m in loaded.modules()) == 9
+    code, out, err = _run(capsys, "export", twin, "--out", tmp_path / "n.onnx", "--add-bits", 8)
+    assert code == 2 and "already quantized" in err and not (tmp_path / "n.onnx").exists()

@@ -421,6 +421,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"qrobust: {args.checkpoint} is a float model: export a quantized one (qrobust train "
                          "--bits …, or qrobust quantize)")
     user = model.qrobust_meta.get("metadata", {})
+    if args.add_bits is not None:
+        model, twin = _quantize_additions_for_export(args, model, out, user)
+        user = {**user, "derived_from": str(args.checkpoint), "add_bits": args.add_bits}
     if args.format == "packed":
         path = save_packed(model, out, **user, exported_from=str(args.checkpoint))
         size = path.stat().st_size
@@ -435,13 +438,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     ds = load_data(args, "test")
     check_model_fits(model, ds.info, f"checkpoint {args.checkpoint}")
     x, _ = ds.tensors(n=args.calib)
-    src = {"checkpoint": str(args.checkpoint), "sha256": model.qrobust_meta.get("sha256"),
+    source = twin if args.add_bits is not None else args.checkpoint
+    src = {"checkpoint": str(source), "sha256": model.qrobust_meta.get("sha256"),
            "header_sha256": model.qrobust_meta.get("header_sha256"), "dataset": args.dataset}
     res = to_onnx(model, out, calib=x, source=src)
     a = res.info["agreement"]
     print(f"exported {args.checkpoint} to {res.path} ({res.info['onnx_bytes']:,} bytes): agrees with the fake-quant "
           f"model on {a['agreement']:.2%} of {a['n']} {args.dataset} test images; metadata also in {res.sidecar}")
     return 0
+
+
+def _quantize_additions_for_export(args: argparse.Namespace, model: Any, out: Path, user: dict) -> tuple[Any, Path]:
+    """``export --add-bits B``: the model with its residual additions quantized (calibrated on --calib training
+    images), saved beside the export as the fake-quant twin it is checked against — a different function from
+    the checkpoint, so the change in test accuracy is said before anything is exported."""
+    from qrobust.quant import quantize_additions
+
+    args.dataset = args.dataset or user.get("dataset")
+    if not args.dataset:
+        raise UsageError("qrobust: the checkpoint does not name its dataset: pass --dataset (--add-bits calibrates "
+                         "on its training images)")
+    train = load_dataset(args.dataset, "train", root=args.data_dir, download=getattr(args, "download", False),
+                         cache_dir=getattr(args, "cache_dir", None))
+    check_model_fits(model, train.info, f"checkpoint {args.checkpoint}")
+    xc, _ = calibration_set(train, min(args.calib, len(train)), 0, args.dataset)
+    derived = quantize_additions(model.eval(), args.add_bits, calibrate=xc).eval()
+    xt, yt = load_data(args, "test").tensors(n=args.calib)
+    with torch.no_grad():
+        before = torch.cat([model(b).argmax(1) for b in xt.split(256)])
+        after = torch.cat([derived(b).argmax(1) for b in xt.split(256)])
+    acc0, acc1 = (before == yt).float().mean().item(), (after == yt).float().mean().item()
+    changed = (before != after).float().mean().item()
+    twin = out.with_name(f"{out.stem}.add{args.add_bits}.safetensors")
+    checkpoint.save(derived, twin, **{**user, "derived_from": str(args.checkpoint), "add_bits": args.add_bits})
+    derived = checkpoint.load(twin).eval()  # with the digests the export's source names
+    log.warning("export --add-bits %d: the residual additions are quantized — a different function from %s: test "
+                "accuracy %.2f%% → %.2f%%, %.2f%% of %d predictions changed; its fake-quant model is %s — evaluate "
+                "that (or the export) before deploying, not the original", args.add_bits, args.checkpoint,
+                100 * acc0, 100 * acc1, 100 * changed, len(yt), twin)
+    return derived, twin
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -1151,6 +1186,10 @@ def make_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="file to write (model.onnx; model.safetensors for packed)")
     ex.add_argument("--calib", type=_positive_int, default=1000,
                     help="onnx: test images the agreement is measured on (default: %(default)s)")
+    ex.add_argument("--add-bits", type=int, choices=range(2, 9), default=None, metavar="B",
+                    help="quantize the residual additions' operands to B bits first (calibrated on --calib "
+                    "training images), so that every convolution and addition runs on integers; a different "
+                    "function, saved beside the export as OUT.addB.safetensors (docs/deploy.md)")
     _add_data_args(ex, default=None)
     ex.set_defaults(func=cmd_export)
 

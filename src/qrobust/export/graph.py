@@ -93,7 +93,7 @@ from qrobust.errors import ConfigError, ExportError
 from qrobust.export.integers import weight_codes
 from qrobust.models.layers import Normalize
 from qrobust.quant import QuantAct, QuantConv2d, QuantLinear, describe, is_quantized, size_totals
-from qrobust.quant.quantizers import ClipActQuantizer, PACTActQuantizer, SignActQuantizer
+from qrobust.quant.quantizers import ClipActQuantizer, PACTActQuantizer, RangeActQuantizer, SignActQuantizer
 from qrobust.quant.sites import trace
 from qrobust.utils import atomic_write_bytes, atomic_write_text, eval_mode
 from qrobust.validation import check_choice
@@ -263,9 +263,23 @@ def _fit_bias(scale: torch.Tensor, bias: torch.Tensor, input_scale: float, most:
     return stretch, codes, grid[r, mi], err[r, mi, bi], flips[r, mi, bi]
 
 
-def _act_step(m: QuantAct) -> float:
-    """The step of a ReLU activation quantizer with a clip or PACT range, as the simulation computes it."""
+def _levels(m: QuantAct) -> tuple[int, int] | None:
+    """The integer levels ``(lo, hi)`` of an activation quantizer the exporter writes as QuantizeLinear — a
+    ReLU/ReLU6 clip or PACT range (0 … 2^b − 1) or an addition operand's symmetric one (−2^(b−1) … 2^(b−1) − 1)
+    — or None."""
     q = m.act_quant
+    if m.kind in ("relu", "relu6") and isinstance(q, (ClipActQuantizer, PACTActQuantizer)):
+        return 0, 2**m.bits - 1
+    if m.kind == "identity" and isinstance(q, RangeActQuantizer):
+        return q.qmin, q.qmax
+    return None
+
+
+def _act_step(m: QuantAct) -> float:
+    """The step of an activation quantizer :func:`_levels` maps, as the simulation computes it."""
+    q = m.act_quant
+    if isinstance(q, RangeActQuantizer):
+        return float(q.scale)
     n = 2**m.bits - 1
     if isinstance(q, PACTActQuantizer):
         return float(q.alpha.detach().float().clamp_min(1e-8) / n)  # as pact_quantize computes it, in float32
@@ -323,8 +337,7 @@ class _Exporter:
                 continue
             (user,) = out.users
             act = self.modules.get(str(user.target)) if user.op == "call_module" else None
-            if (isinstance(act, QuantAct) and act.kind in ("relu", "relu6")
-                    and isinstance(act.act_quant, (ClipActQuantizer, PACTActQuantizer))):
+            if isinstance(act, QuantAct) and _levels(act) is not None:
                 sites[str(user.target)] = node
         if not sites:
             return
@@ -332,10 +345,11 @@ class _Exporter:
         steps = {k: _act_step(self.modules[k]) for k in sites}
 
         def hook(name: str) -> Any:
+            lo, hi = _levels(self.modules[name])
+
             def pre(_mod: nn.Module, args: tuple) -> None:
                 u = args[0].detach().double() / steps[name]
-                n = 2 ** self.modules[name].bits - 1
-                d = u - (torch.floor(u).clamp(0, n - 1) + 0.5)
+                d = u - (torch.floor(u).clamp(lo, hi - 1) + 0.5)
                 near = (d.abs() < TIE_WINDOW).nonzero()
                 found[name].append((near[:, 1], d[tuple(near.t())].float()))
             return pre
@@ -528,6 +542,13 @@ class _Exporter:
             self.b.layers.append({"name": name, "op": "Sign", "act_bits": 1, "scheme": "sign",
                                   "storage": "int8 (±1)", "range": [-1.0, 1.0]})
             return self.b.quant_dequant(pm, _Grid(1.0, 0, -1, 1, True), name, clip=False)
+        if m.kind == "identity" and isinstance(q, RangeActQuantizer):  # an addition operand (add_bits)
+            scale, zero = _act_step(m), -q.qmin
+            n = q.qmax - q.qmin
+            self.b.layers.append({"name": name, "op": "QuantizeLinear", "act_bits": m.bits, "scheme": "symmetric",
+                                  "storage": f"uint8 (zero point {zero}" + (f", 0…{n} by Clip)" if n < 255 else ")"),
+                                  "range": list(q.range())})
+            return self.b.quant_dequant(x.name, _Grid(scale, zero, 0, n, False), name)
         if m.kind not in ("relu", "relu6") or not isinstance(q, (ClipActQuantizer, PACTActQuantizer)):
             raise ExportError(
                 f"activation {name!r}: a quantized {m.kind} ({type(q).__name__}) is not supported by the ONNX "

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import CheckpointError, ConfigError
-from qrobust.quant.layers import QuantAct, QuantConv2d, QuantLinear
+from qrobust.quant.layers import AddOperand, QuantAct, QuantConv2d, QuantLinear
 from qrobust.quant.quantizers import Quantizer
 from qrobust.quant.sites import ACT_MODULES, _float_ops, float_ops, separate_sites
 from qrobust.quant.spec import FLOAT_BITS, QuantSpec
@@ -54,6 +54,7 @@ __all__ = [
     "is_quantized",
     "load_float_state_dict",
     "quantize",
+    "quantize_additions",
     "quantize_as_saved",
     "quantizer_state_keys",
     "size_totals",
@@ -152,11 +153,17 @@ def _calibration_inputs(data: Any) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _calibrated_clips(model: nn.Module, names: list[str], data: Any) -> dict[str, float]:
-    """The largest output of each activation site ``names`` over ``data``, run through the float ``model``."""
+    """The largest output of each activation site ``names`` over ``data``, run through the float ``model``
+    (of an addition operand, the largest magnitude: its levels are symmetric)."""
     peaks = dict.fromkeys(names, float("-inf"))
+
+    def peak(m: nn.Module, out: torch.Tensor) -> float:
+        out = out.detach()
+        return float(out.abs().max() if isinstance(m, AddOperand) else out.max())
+
     handles = [
         model.get_submodule(n).register_forward_hook(
-            lambda _m, _i, out, n=n: peaks.__setitem__(n, max(peaks[n], float(out.detach().max())))
+            lambda m, _i, out, n=n: peaks.__setitem__(n, max(peaks[n], peak(m, out)))
         )
         for n in names
     ]
@@ -176,7 +183,8 @@ def _calibrate_spec(spec: QuantSpec, model: nn.Module, acts: list[tuple[str, nn.
     overrides = {k: dict(v) for k, v in spec.overrides.items()}
     kept: list[str] = []
     for name, m in acts:
-        if any("act_clip" in ov for ov in spec.overrides_for(name)):
+        own = [spec.overrides.get(name, {})] if type(m) is AddOperand else spec.overrides_for(name)
+        if any("act_clip" in ov for ov in own):
             kept.append(name)  # an act_clip the user set for this site wins
             continue
         peak = peaks[name]
@@ -267,7 +275,7 @@ def quantize(
         )
     target = model if inplace else copy.deepcopy(model)
     if type(target) not in _ACT_TYPES + _WEIGHT_TYPES:
-        separate_sites(target)
+        separate_sites(target, additions=spec.add_bits != FLOAT_BITS)
     weights, acts = _swappable(target)
     if calibrate is not None:
         spec = _calibrate_spec(spec, target, acts, calibrate)
@@ -285,7 +293,7 @@ def quantize(
             weight_clip=cfg["clip"],
         )
     for name, m in acts:
-        cfg = spec.act_config(name)
+        cfg = spec.add_config(name) if type(m) is AddOperand else spec.act_config(name)
         try:
             replacements[id(m)] = QuantAct.from_float(
                 m,
@@ -310,9 +318,52 @@ def quantize(
                 if id(child) in replacements:
                     setattr(parent, child_name, replacements[id(child)])
     target.qrobust_spec = spec.to_dict()
-    logger.info("quantized %d weight layer(s) and %d activation(s) to %s", len(weights), len(acts), spec)
+    adds = sum(type(m) is AddOperand for _, m in acts)
+    logger.info("quantized %d weight layer(s), %d activation(s)%s to %s", len(weights), len(acts) - adds,
+                f" and {adds} addition operand(s)" if adds else "", spec)
     _report_ranges(target, spec, calibrate is not None or _as_saved)
     _warn_float(target, spec)
+    return target
+
+
+def quantize_additions(model: nn.Module, bits: int = 8, *, calibrate: Any = None) -> nn.Module:
+    """A copy of the quantized ``model`` whose additions are quantized too, as ``add_bits=bits`` would have
+    made it: each addition operand not already on an activation quantizer's grid gets symmetric ``bits``-bit
+    levels on [−α, α] — α the largest magnitude that operand takes on ``calibrate`` (images), run through
+    ``model`` itself, or ``act_clip`` without it. The weights and the other quantizers are unchanged; the
+    spec (``qrobust_spec``) gets ``add_bits`` and the α as overrides, so a checkpoint of the copy loads back
+    the same. This is a different function from ``model`` (by one rounding of each residual branch):
+    evaluate the copy, not the original, before deploying it (docs/deploy.md).
+    """
+    if not is_quantized(model) or not getattr(model, "qrobust_spec", None):
+        raise ConfigError("quantize_additions takes a model quantize() made (it has no qrobust_spec); for a float "
+                          "model pass add_bits in the spec: quantize(model, 'w4a4,add_bits=8')")
+    spec = QuantSpec.coerce(model.qrobust_spec)
+    if spec.add_bits != FLOAT_BITS:
+        raise ConfigError(f"the model's additions are already quantized (add_bits={spec.add_bits})")
+    new_spec = spec.replace(add_bits=bits)
+    target = copy.deepcopy(model)
+    sites = separate_sites(target, additions=True)
+    names = [s.name for s in sites if s.kind == "identity"]
+    if not names:
+        logger.warning("quantize_additions: the model has no addition with an operand to quantize; unchanged")
+    overrides = {k: dict(v) for k, v in new_spec.overrides.items()}
+    if calibrate is not None and names:
+        for name, peak in _calibrated_clips(target, names, calibrate).items():
+            if peak > 0:
+                overrides[name] = {**overrides.get(name, {}), "act_clip": float(f"{peak:.6g}")}
+    new_spec = new_spec.replace(overrides=overrides)
+    device = model_device(target)
+    dtype = next((p.dtype for p in target.parameters() if p.is_floating_point()), None)
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = target.get_submodule(parent_name)
+        cfg = new_spec.add_config(name)
+        setattr(parent, attr, QuantAct.from_float(getattr(parent, attr), bits=cfg["bits"], scheme="clip",
+                                                  clip=cfg["clip"], device=device, dtype=dtype))
+    target.qrobust_spec = new_spec.to_dict()
+    logger.info("quantized %d addition operand(s) to %d bits%s", len(names), bits,
+                " (ranges calibrated)" if calibrate is not None else f" on [−{spec.act_clip:g}, {spec.act_clip:g}]")
     return target
 
 

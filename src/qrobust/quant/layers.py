@@ -23,13 +23,24 @@ from qrobust.quant.quantizers import Quantizer, RangeActQuantizer, _act_quantize
 from qrobust.quant.spec import FLOAT_BITS, check_act_config, check_weight_clip, check_weight_combo, check_weight_config
 from qrobust.validation import check_choice
 
-__all__ = ["ACT_KINDS", "SIGNED_KINDS", "QuantAct", "QuantConv2d", "QuantLinear", "signed_act_low"]
+__all__ = [
+    "ACT_KINDS", "SIGNED_KINDS", "AddOperand", "QuantAct", "QuantConv2d", "QuantLinear", "signed_act_low",
+]  # fmt: skip
 
-ACT_KINDS = ("relu", "relu6", "silu", "gelu", "leaky_relu", "hardswish")
-SIGNED_KINDS = ("silu", "gelu", "leaky_relu", "hardswish")  # outputs that go negative
+ACT_KINDS = ("relu", "relu6", "silu", "gelu", "leaky_relu", "hardswish", "identity")
+SIGNED_KINDS = ("silu", "gelu", "leaky_relu", "hardswish", "identity")  # outputs that go negative
+
+
+class AddOperand(nn.Identity):
+    """Marks an operand of an addition (a residual branch) that ``quantize`` quantizes when the spec sets
+    ``add_bits``: it becomes a ``QuantAct(kind="identity")`` — symmetric levels on [−α, α] — so that the
+    addition reads integers on both sides, as an integer runtime's QLinearAdd does. Float, it is the identity.
+    Inserted by :func:`qrobust.quant.sites.separate_sites` (``additions=True``), never by hand."""
+
+
 _MODULE_KINDS: dict[type, str] = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.GELU: "gelu", nn.LeakyReLU: "leaky_relu",
-    nn.Hardswish: "hardswish",
+    nn.Hardswish: "hardswish", AddOperand: "identity",
 }  # fmt: skip
 _RELU6_MAX = 6.0
 
@@ -210,12 +221,16 @@ def _float_act(kind: str, x: torch.Tensor, *, inplace: bool, negative_slope: flo
         return F.gelu(x, approximate=approximate)
     if kind == "leaky_relu":
         return F.leaky_relu(x, negative_slope, inplace=inplace)
+    if kind == "identity":
+        return x
     return F.hardswish(x, inplace=inplace)
 
 
 def signed_act_low(kind: str, clip: float, *, negative_slope: float = 0.01, approximate: str = "none") -> float:
     """The lowest output of a signed activation on inputs ≥ −clip (SiLU −0.278, GELU −0.170, Hardswish −0.375,
-    LeakyReLU −slope·clip): the bottom of its quantizer's range."""
+    LeakyReLU −slope·clip, the identity −clip): the bottom of its quantizer's range."""
+    if kind == "identity":
+        return -float(clip)
     grid = torch.linspace(-float(clip), 0.0, 20001, dtype=torch.float64)
     low = _float_act(kind, grid, inplace=False, negative_slope=negative_slope, approximate=approximate).min()
     return float(low)

@@ -34,6 +34,7 @@ the trace is traced again with those as leaves.
 from __future__ import annotations
 
 import copy
+import operator
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qrobust.quant.layers import QuantAct, QuantConv2d, QuantLinear
+from qrobust.errors import ConfigError
+from qrobust.quant.layers import AddOperand, QuantAct, QuantConv2d, QuantLinear
 from qrobust.quant.quantizers import Quantizer
 
 __all__ = ["ACT_MODULES", "Site", "float_ops", "separate_sites", "trace"]
@@ -55,6 +57,7 @@ ACT_MODULES: dict[type, str] = {
     nn.GELU: "gelu",
     nn.LeakyReLU: "leaky_relu",
     nn.Hardswish: "hardswish",
+    AddOperand: "identity",
 }
 _FUNCTIONS: dict[Any, str] = {
     F.relu: "relu",
@@ -81,6 +84,12 @@ _FLOAT_FUNCTIONS = {
 }  # fmt: skip
 _FLOAT_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
 _OWN_LEAVES = (QuantConv2d, QuantLinear, QuantAct, Quantizer)
+_ADDS = {operator.add, operator.iadd, torch.add}
+# ops that keep their input's values (so its integer grid): an operand reached through them from an
+# activation site is already quantized
+_GRID_MODULES = (nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)
+_GRID_FUNCTIONS = {operator.getitem, F.pad, torch.flatten, F.max_pool2d}
+_GRID_METHODS = {"flatten", "contiguous"}
 
 
 @dataclass
@@ -191,15 +200,22 @@ def _bind_forward(model: nn.Module, graph: fx.Graph) -> None:
     model.forward = types.MethodType(namespace["forward"], model)
 
 
-def separate_sites(model: nn.Module) -> list[Site]:
+def separate_sites(model: nn.Module, *, additions: bool = False) -> list[Site]:
     """Give every activation call on ``model``'s data path a module of its own, in place; the sites in order.
 
     Functional calls and further uses of a shared module get new activation modules and ``model`` gets the
     rewritten ``forward`` (see the module docstring). When ``forward`` does not trace, the sites are the
     activation modules and nothing is rewritten (:func:`float_ops` then says what may have been missed).
+    ``additions=True`` (a spec's ``add_bits``) also gives each operand of a tensor addition that does not come
+    from an activation site (through max-pooling, slicing, zero padding, flatten) an :class:`AddOperand` of
+    its own, ``<owner>.add_in<k>``, which ``quantize`` makes a symmetric quantizer; an untraceable ``forward``
+    is then an error, since its additions cannot be found.
     """
-    graph, _why = trace(model)
+    graph, why = trace(model)
     if graph is None:
+        if additions:
+            raise ConfigError(f"add_bits needs the model's additions, found by tracing forward with torch.fx, "
+                              f"which failed: {why}; quantize without add_bits")
         return [Site(n, ACT_MODULES[type(m)], "module") for n, m in model.named_modules() if type(m) in ACT_MODULES]
     sites: list[Site] = []
     uses: dict[str, int] = {}
@@ -239,10 +255,73 @@ def separate_sites(model: nn.Module) -> list[Site]:
             node.replace_all_uses_with(call)
             graph.erase_node(node)
             changed = True
+    if additions and _separate_additions(model, graph, sites):
+        changed = True
     if changed:
         graph.lint()
         _bind_forward(model, graph)
     return sites
+
+
+def _is_addition(node: fx.Node) -> bool:
+    """A tensor + tensor addition (not a constant, not shape arithmetic)."""
+    tensor_add = (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_"))
+    if not tensor_add or len(node.args) != 2 or node.kwargs:
+        return False
+    return all(isinstance(a, fx.Node) and not _is_shape(a) for a in node.args)
+
+
+def _is_shape(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
+        return True
+    if node.op == "call_function" and node.target is getattr:
+        return True
+    if node.op == "call_function" and node.target in (operator.getitem, operator.add, operator.mul,
+                                                      operator.sub, operator.floordiv):
+        return any(isinstance(a, fx.Node) and _is_shape(a) for a in node.args)
+    return False
+
+
+def _on_grid(model: nn.Module, node: Any) -> bool:
+    """Whether ``node``'s value comes from an activation site through value-keeping ops only."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_module":
+            m = model.get_submodule(str(node.target))
+            if type(m) in ACT_MODULES or isinstance(m, QuantAct):
+                return True
+            if type(m) not in _GRID_MODULES:
+                return False
+        elif not ((node.op == "call_function" and node.target in _GRID_FUNCTIONS)
+                  or (node.op == "call_method" and node.target in _GRID_METHODS)):
+            return False
+        node = node.args[0] if node.args else None
+    return False
+
+
+def _separate_additions(model: nn.Module, graph: fx.Graph, sites: list[Site]) -> bool:
+    """An :class:`AddOperand` module on each operand of each addition that is not already on an activation's
+    grid (``<owner>.add_in<k>``); True when the graph changed."""
+    changed = False
+    for node in list(graph.nodes):
+        if not _is_addition(node):
+            continue
+        owner = _owner(node)
+        parent = model.get_submodule(owner)
+        for i, operand in enumerate(node.args):
+            if _on_grid(model, operand):
+                continue
+            new = _free_name(parent, "add_in")
+            parent.add_module(new, AddOperand())
+            name = f"{owner}.{new}" if owner else new
+            where = f"{owner}.forward" if owner else "forward"
+            sites.append(Site(name, "identity", f"operand {i + 1} of {node.name} in {where}"))
+            with graph.inserting_before(node):
+                call = graph.call_module(name, (operand,))
+            call.meta = dict(node.meta)
+            node.update_arg(i, call)
+            changed = True
+    return changed
 
 
 def float_ops(model: nn.Module) -> list[tuple[str, str]]:

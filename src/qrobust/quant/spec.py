@@ -7,6 +7,7 @@ A spec is plain data (JSON via :meth:`QuantSpec.to_dict`) and has a short text f
     w4a32 / w4                           4-bit weights, float activations (32 means float)
     w4a4,weight_scheme=lsq,first_layer_bits=8,last_layer_bits=8
     w4a4,layer3.0.conv1=w2,layer3.0.relu1=a2      per-layer overrides by module name
+    w4a4,add_bits=8                      and the operands of residual additions quantized to 8 bits
 
 Default schemes: weights ``uniform_per_channel`` (symmetric, max-|w| scale per output channel, the
 PyTorch/Brevitas-style default) because it keeps the float weights' scale, so quantization-aware
@@ -23,6 +24,13 @@ specific (longer) keys win. Weight settings (``weight_bits``, ``weight_scheme``,
 override-only ``weight_clip``) act on
 Conv2d/Linear layers, activation settings (``act_bits``, ``act_scheme``, ``act_clip``, ``sign_grad``) on the
 ReLU/ReLU6 modules that become ``QuantAct``.
+
+``add_bits`` (32, float, by default) quantizes the operands of every addition on the data path that do not
+already come from an activation quantizer — a ResNet's residual branch after its last BatchNorm, a projection
+shortcut — to symmetric levels on [−α, α] (α = ``act_clip``, or calibrated): the additions then read integers
+on both sides, which is what lets an integer runtime run every convolution and addition on integers
+(docs/deploy.md). It changes the function, so a model meant to be deployed that way is trained or calibrated
+with it; it needs quantized activations.
 
 Rules worth knowing:
 
@@ -262,6 +270,7 @@ class QuantSpec:
     sign_grad: str = "identity"
     first_layer_bits: int | None = None
     last_layer_bits: int | None = None
+    add_bits: int = FLOAT_BITS
     overrides: Mapping[str, Any] = field(default_factory=dict)
     ste: dataclasses.InitVar[str | None] = None  # the old name of sign_grad, still accepted
 
@@ -283,6 +292,16 @@ class QuantSpec:
             value = getattr(self, key)
             if value is not None:
                 set_(self, key, check_bits(value, name=key))
+        set_(self, "add_bits", check_bits(self.add_bits, name="add_bits"))
+        if self.add_bits != FLOAT_BITS and not 2 <= self.add_bits <= 8:
+            raise ConfigError(f"add_bits must be 2–8 (the operands of residual additions are signed), or 32 for "
+                              f"float additions, got {self.add_bits}")
+        if self.add_bits != FLOAT_BITS and self.act_bits == FLOAT_BITS:
+            raise ConfigError(
+                "add_bits quantizes the operands of residual additions so that an integer runtime adds integers; "
+                "with float activations (act_bits=32) there is nothing integer to add: quantize the activations "
+                "too (e.g. 'w8a8,add_bits=8') or drop add_bits"
+            )
         set_(self, "overrides", self._normalize_overrides(self.overrides))
         for key in ("first_layer_bits", "last_layer_bits"):
             if getattr(self, key) is not None:
@@ -393,6 +412,8 @@ class QuantSpec:
         out: dict[str, Any] = {"name": str(self)}
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         out["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        if self.add_bits == FLOAT_BITS:  # the default: records written before add_bits existed stay equal
+            del out["add_bits"]
         return out
 
     def replace(self, **changes: Any) -> QuantSpec:
@@ -464,6 +485,18 @@ class QuantSpec:
             cfg["clip"] = ov.get("act_clip", cfg["clip"])
             cfg["sign_grad"] = ov.get("sign_grad", cfg["sign_grad"])
         check_act_combo(cfg["bits"], cfg["scheme"], where=f"activation {name!r}")
+        return cfg
+
+    def add_config(self, name: str = "") -> dict[str, Any]:
+        """``{"bits", "scheme", "clip", "sign_grad"}`` for the addition operand called ``name``: ``add_bits``
+        with symmetric ``clip`` levels on [−α, α], α = ``act_clip`` — or the ``act_clip`` / ``act_bits`` of an
+        override naming this operand exactly (calibration writes its α there); block-level overrides set the
+        block's activations, not its additions."""
+        cfg: dict[str, Any] = {"bits": self.add_bits, "scheme": "clip", "clip": self.act_clip,
+                               "sign_grad": self.sign_grad}
+        ov = self.overrides.get(name, {})
+        cfg["bits"] = ov.get("act_bits", cfg["bits"])
+        cfg["clip"] = ov.get("act_clip", cfg["clip"])
         return cfg
 
 
