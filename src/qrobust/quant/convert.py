@@ -319,8 +319,11 @@ def quantize(
                     setattr(parent, child_name, replacements[id(child)])
     target.qrobust_spec = spec.to_dict()
     adds = sum(type(m) is AddOperand for _, m in acts)
-    logger.info("quantized %d weight layer(s), %d activation(s)%s to %s", len(weights), len(acts) - adds,
-                f" and {adds} addition operand(s)" if adds else "", spec)
+    if adds:
+        logger.info("quantized %d weight layer(s), %d activation(s) and %d addition operand(s) to %s", len(weights),
+                    len(acts) - adds, adds, spec)
+    else:
+        logger.info("quantized %d weight layer(s) and %d activation(s) to %s", len(weights), len(acts), spec)
     _report_ranges(target, spec, calibrate is not None or _as_saved)
     _warn_float(target, spec)
     return target
