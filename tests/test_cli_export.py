@@ -121,3 +121,22 @@ def test_export_add_bits_saves_its_twin_and_says_the_function_changed(capsys, tm
     assert sum(getattr(m, "kind", None) == "identity" for m in loaded.modules()) == 9
     code, out, err = _run(capsys, "export", twin, "--out", tmp_path / "n.onnx", "--add-bits", 8)
     assert code == 2 and "already quantized" in err and not (tmp_path / "n.onnx").exists()
+
+
+def test_export_weight_dtype_chooses_the_weights_integer_type(capsys, ckpts, tmp_path):
+    """After 8-bit activations `auto` stores uint8 weights (zero point 128); --weight-dtype int8 stores int8 ones
+    (except where a layer falls back to ConvInteger, whose onnxruntime kernel takes uint8 weights)."""
+    model = checkpoint.load(ckpts / "float.safetensors")
+    q = quantize(model, "w8a8", calibrate=load_dataset("digits", "train").tensors(256)[0])
+    checkpoint.save(q, tmp_path / "w8a8.safetensors", dataset="digits")
+    storage = {}
+    for dtype in ("auto", "int8"):
+        code, _, err = _run(capsys, "export", tmp_path / "w8a8.safetensors", "--out", tmp_path / f"{dtype}.onnx",
+                            "--calib", 200, "--weight-dtype", dtype)
+        assert code == 0, err
+        meta = json.loads((tmp_path / f"{dtype}.onnx.json").read_text())
+        assert meta["weight_dtype"] == dtype
+        storage[dtype] = {la["name"]: la["storage"].split()[0] for la in meta["layers"]
+                          if "weight_bits" in la and la["op"] != "ConvInteger" and la["name"] != "conv1"}
+    assert len(storage["auto"]) >= 2 and len(storage["int8"]) >= 2  # conv1 reads the float image
+    assert set(storage["auto"].values()) == {"uint8"} and set(storage["int8"].values()) == {"int8"}

@@ -441,7 +441,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = twin if args.add_bits is not None else args.checkpoint
     src = {"checkpoint": str(source), "sha256": model.qrobust_meta.get("sha256"),
            "header_sha256": model.qrobust_meta.get("header_sha256"), "dataset": args.dataset}
-    res = to_onnx(model, out, calib=x, source=src)
+    res = to_onnx(model, out, calib=x, source=src, weight_dtype=args.weight_dtype)
     a = res.info["agreement"]
     print(f"exported {args.checkpoint} to {res.path} ({res.info['onnx_bytes']:,} bytes): agrees with the fake-quant "
           f"model on {a['agreement']:.2%} of {a['n']} {args.dataset} test images; metadata also in {res.sidecar}")
@@ -1190,6 +1190,11 @@ def make_parser() -> argparse.ArgumentParser:
                     help="quantize the residual additions' operands to B bits first (calibrated on --calib "
                     "training images), so that every convolution and addition runs on integers; a different "
                     "function, saved beside the export as OUT.addB.safetensors (docs/deploy.md)")
+    ex.add_argument("--weight-dtype", choices=["auto", "uint8", "int8"], default="auto",
+                    help="onnx: integer type of the weights (default: %(default)s — int8 after activations of at "
+                    "most 7 bits, uint8 with zero point 128 after 8-bit ones, safe from the int16 saturation of "
+                    "onnxruntime's u8·s8 kernels on x86 without VNNI; int8 everywhere is faster where the target "
+                    "has VNNI or ARM dot-product kernels — docs/deploy.md)")
     _add_data_args(ex, default=None)
     ex.set_defaults(func=cmd_export)
 
