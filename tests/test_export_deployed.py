@@ -76,6 +76,8 @@ def test_reverify_puts_deployed_and_simulated_side_by_side(setup, tmp_path):
     out = comp.save(tmp_path)
     md = (out / "deployed.md").read_text()
     assert "| 0.1 | worst case |" in md and "McNemar" in md
+    assert "![deployed vs simulated](deployed_vs_simulated.png)" in md
+    assert (out / "deployed_vs_simulated.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_gap_above_one_point_is_flagged(setup):

@@ -256,6 +256,41 @@ def plot_accuracy(report: Any, path: str | os.PathLike) -> Path:
     return save_figure(fig, path)
 
 
+DEPLOYED_PNG = "deployed_vs_simulated.png"
+
+
+def plot_deployed(comparison: Any, path: str | os.PathLike) -> Path:
+    """Re-verification (:class:`~qrobust.evaluation.DeployedComparison` or its ``to_dict()``): a pair of bars per
+    row (clean, each attack, worst case; per ε) — the deployed graph and its simulation — with the gap in points,
+    a flagged gap marked."""
+    d = comparison.to_dict() if hasattr(comparison, "to_dict") else dict(comparison)
+    rows = d["rows"]
+    several = len({r["eps"] for r in rows if r["attack"] != "clean"}) > 1
+    names = [r["attack"] + (f" (ε {r['eps']:.4g})" if several and r["attack"] != "clean" else "") for r in rows]
+    fig = new_figure((6.8, 0.55 * len(rows) + 1.6))
+    ax = fig.add_subplot(1, 1, 1)
+    ys = list(range(len(rows)))[::-1]
+    h = 0.38
+    dep = [100.0 * r["deployed"] for r in rows]
+    sim = [100.0 * r["simulated"] for r in rows]
+    ax.barh([y + h / 2 for y in ys], dep, height=h, color="tab:red", label="deployed (onnxruntime)")
+    ax.barh([y - h / 2 for y in ys], sim, height=h, color="tab:blue", label="simulated (fake-quant twin)")
+    for y, r, a, b in zip(ys, rows, dep, sim):
+        flag = "  ⚠ flagged" if r["flagged"] else ""
+        ax.text(max(a, b) + 1, y, f"{a:.1f} vs {b:.1f}% ({100 * r['gap']:+.1f}){flag}", va="center", fontsize=7,
+                color="darkred" if r["flagged"] else "black")
+    ax.set_yticks(ys)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlim(0, 135)
+    ax.set_xticks(range(0, 101, 20))
+    ax.set_xlabel("accuracy (%) on the same points")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    dev = d.get("deployed", {})
+    ax.set_title(f"Deployed vs simulated: {dev.get('model', '?')} on {dev.get('dataset', '?')}, "
+                 f"{rows[0]['n']} points (gaps above {100 * d.get('gap_flag', 0.01):g} point flagged)", fontsize=8)
+    return save_figure(fig, path)
+
+
 # ----------------------------------------------------------------------------------- adversarial images
 def _check_examples(x: Any, x_adv: Any, y: Any, pred_clean: Any, pred_adv: Any) -> None:
     for name, t in (("x", x), ("x_adv", x_adv)):

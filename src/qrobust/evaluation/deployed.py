@@ -76,7 +76,8 @@ class DeployedComparison:
         return {"rows": self.rows, "flags": self.flags, "gap_flag": GAP_FLAG, "agreement": self.agreement,
                 "deployed": self.deployed.to_dict(), "simulated": self.simulated.to_dict()}
 
-    def markdown(self) -> str:
+    def markdown(self, *, plot: str | None = None) -> str:
+        """The side-by-side table; ``plot`` — a PNG file name beside the Markdown to show under the table."""
         d, s = self.deployed, self.simulated
         lines = [f"# Deployed vs simulated: {d.model}", "",
                  f"{d.n} points of {d.dataset}, {d.threat_model}; the same attacks, seed and points on the ONNX graph "
@@ -93,6 +94,8 @@ class DeployedComparison:
                          f"{100 * r['gap']:+.1f}{flag} | {r['only_deployed_broken']} | {r['only_simulated_broken']} | "
                          f"{r['mcnemar_p']:.3g} |")
         lines.append("")
+        if plot:
+            lines += [f"![deployed vs simulated]({plot})", ""]
         lines += [f"- {f}" for f in self.flags] or ["- no gap above the flag: the deployed graph is as robust as its "
                                                     "simulation under these attacks"]
         lines += ["", f"Clean accuracy: deployed {d.clean_accuracy:.2%}, simulated {s.clean_accuracy:.2%}."]
@@ -104,10 +107,14 @@ class DeployedComparison:
         return "; ".join(parts) + (f" — {len(self.flags)} gap(s) flagged" if self.flags else " — no gap flagged")
 
     def save(self, out: str | os.PathLike) -> Path:
+        """Write ``deployed.json``, ``deployed.md`` and its plot (``deployed_vs_simulated.png``) into ``out``."""
+        from qrobust.report import DEPLOYED_PNG, plot_deployed
+
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "deployed.json", json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        atomic_write_text(out / "deployed.md", self.markdown())
+        plot_deployed(self, out / DEPLOYED_PNG)
+        atomic_write_text(out / "deployed.md", self.markdown(plot=DEPLOYED_PNG))
         return out
 
 
