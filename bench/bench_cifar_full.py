@@ -7,6 +7,7 @@
     python bench/bench_cifar_full.py card w4a4-fgsm-rs            # the zoo entry, from that evaluation
     python bench/bench_cifar_full.py keep w4a4-fgsm-rs            # copy its state into bench/results/cifar_full/
     python bench/bench_cifar_full.py summary                      # bench/results/cifar_full.json
+    python bench/bench_cifar_full.py fit --n 1000                 # APGD-CE on training vs test images, each run
 
 Every stage is a plain `qrobust` command (printed before it runs, recorded in the results), so a user can run
 the same thing by hand, and a stopped stage continues where it stopped: training with `--resume` from its
@@ -201,13 +202,56 @@ def paired(runs: Path, names: list[str], n: int) -> dict[str, dict]:
     return out
 
 
+FIT_RESULTS = HERE / "results" / "cifar_full_fit.json"
+
+
+def fit_gap(runs: Path, names: list[str], n: int, data_dir: str | None = None) -> dict[str, dict]:
+    """Clean and APGD-CE (the standard suite's first attack, its settings) accuracy of each finished run on the
+    first ``n`` training images (not augmented) and the first ``n`` test images, same seed: a model that is
+    robust on the images it was trained on but not on new ones overfits (robust overfitting: more data or
+    regularization helps); one that is as little robust on both underfits (more capacity or epochs help)."""
+    import time
+
+    import torch
+
+    import qrobust
+    from qrobust.data import load_dataset
+
+    torch.set_num_threads(1)
+    kw = {"root": data_dir} if data_dir else {}
+    split = {s: load_dataset("cifar10", s, **kw).tensors(n) for s in ("train", "test")}
+    done = json.loads(FIT_RESULTS.read_text()) if FIT_RESULTS.exists() else {}
+    for name in names:
+        if name in done and done[name].get("n") == n:
+            continue
+        restore(runs, name, n)
+        path = run_dir(runs, name) / "final.safetensors"
+        if not path.exists():
+            print(f"fit: {name} is not trained, skipped", flush=True)
+            continue
+        model = qrobust.load(path).eval()
+        row: dict = {"n": n, "attack": "apgd-ce (standard suite settings), eps 8/255, seed 0"}
+        for s, (x, y) in split.items():
+            t = time.perf_counter()
+            rep = qrobust.evaluate(model, (x, y), suite=["apgd-ce"], eps=8 / 255, diagnostics=False,
+                                   dataset="cifar10", model_name=name)
+            row[s] = {"clean": round(rep.clean_accuracy, 4), "apgd_ce": round(rep.robust_accuracy, 4),
+                      "time_s": round(time.perf_counter() - t, 1)}
+        row["robust_gap_train_minus_test"] = round(row["train"]["apgd_ce"] - row["test"]["apgd_ce"], 4)
+        done[name] = row
+        FIT_RESULTS.write_text(json.dumps(done, indent=2) + "\n")
+        print(f"fit {name}: train clean {row['train']['clean']:.1%} apgd-ce {row['train']['apgd_ce']:.1%} | "
+              f"test clean {row['test']['clean']:.1%} apgd-ce {row['test']['apgd_ce']:.1%}", flush=True)
+    return done
+
+
 def _done(path: Path) -> bool:
     return (path / "final.safetensors").exists() or (path / "report.json").exists()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["plan", "train", "eval", "evalq", "card", "keep", "summary"])
+    p.add_argument("stage", choices=["plan", "train", "eval", "evalq", "card", "keep", "summary", "fit"])
     p.add_argument("name", nargs="?", choices=sorted(RECIPES))
     p.add_argument("--runs", default=str(HERE / "runs" / "cifar_full"))
     p.add_argument("--n", type=int, default=1000, help="test images for the evaluation (default %(default)s)")
@@ -222,6 +266,10 @@ def main() -> int:
         p.error(f"{args.stage} needs a run name: one of {', '.join(sorted(RECIPES))}")
     if args.stage == "keep":
         show(keep(runs, args.name, args.n), HERE.parent)
+        return 0
+    if args.stage == "fit":
+        fit_gap(runs, [args.name] if args.name else [n for n in RECIPES if n != "w4a4-ft-pgd-at-2"], args.n,
+                args.data_dir)
         return 0
     if args.stage in ("train", "eval", "evalq", "card"):
         restore(runs, args.name, args.n)
