@@ -43,6 +43,7 @@ from qrobust.export import (
     save_packed,
     to_onnx,
 )
+from qrobust.export.graph import WEIGHT_DTYPES
 from qrobust.models import build_model
 from qrobust.quant import (
     QuantSpec,
@@ -1190,7 +1191,7 @@ def make_parser() -> argparse.ArgumentParser:
                     help="quantize the residual additions' operands to B bits first (calibrated on --calib "
                     "training images), so that every convolution and addition runs on integers; a different "
                     "function, saved beside the export as OUT.addB.safetensors (docs/deploy.md)")
-    ex.add_argument("--weight-dtype", choices=["auto", "uint8", "int8"], default="auto",
+    ex.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="auto",
                     help="onnx: integer type of the weights (default: %(default)s — int8 after activations of at "
                     "most 7 bits, uint8 with zero point 128 after 8-bit ones, safe from the int16 saturation of "
                     "onnxruntime's u8·s8 kernels on x86 without VNNI; int8 everywhere is faster where the target "

@@ -112,8 +112,9 @@ class DeployedComparison:
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "deployed.json", json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        plot_deployed(self, out / DEPLOYED_PNG)
+        data = self.to_dict()  # both full reports: built once for the JSON and the plot
+        atomic_write_text(out / "deployed.json", json.dumps(data, indent=2, default=str) + "\n")
+        plot_deployed(data, out / DEPLOYED_PNG)
         atomic_write_text(out / "deployed.md", self.markdown(plot=DEPLOYED_PNG))
         return out
 
