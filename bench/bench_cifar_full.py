@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -68,6 +69,13 @@ RECIPES: dict[str, tuple[str | None, list[str]]] = {
 #: per-recipe epochs and peak lr where they differ from EPOCHS, LR (a fine-tune starts near its optimum)
 SETTINGS: dict[str, dict[str, float]] = {"w4a4-ft-pgd-at-2": {"epochs": 4, "lr": 0.01}}
 EPOCHS, LR = 15, 0.2
+#: the epochs control (NAME-eE: recipe NAME trained for E epochs instead of EPOCHS, one-cycle over all of them):
+#: every 15-epoch robust run is as robust on its training images as on test ones (the `fit` stage), so it
+#: underfits; whether a longer run pays or the model's capacity is the limit, these tell apart (ODG-Q: the
+#: cheapest epoch)
+for _epochs in (8, 30):
+    RECIPES[f"w4a4-odgq-e{_epochs}"] = RECIPES["w4a4-odgq"]
+    SETTINGS[f"w4a4-odgq-e{_epochs}"] = {"epochs": _epochs}
 
 
 def init_of(name: str) -> str | None:
@@ -111,7 +119,7 @@ def parent_of(name: str) -> str:
     else the float run trained with the same recipe (float-X for w4a4-X), else float-fgsm-rs."""
     if init_of(name):
         return init_of(name)  # a fine-tune's parent is the run it started from
-    twin = "float-" + name.split("-", 1)[1]
+    twin = "float-" + re.sub(r"-e\d+$", "", name.split("-", 1)[1])  # an epochs control's twin is its recipe's
     return twin if twin in RECIPES else "float-fgsm-rs"
 
 
