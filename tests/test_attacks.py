@@ -724,6 +724,31 @@ def test_square_linf_lives_on_the_vertices_and_counts_queries(cnn, digits):
     assert acc(cnn, x_adv, y) < acc(cnn, x, y) - 0.2
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_square_linf_never_queries_a_proposal_that_changes_nothing(channels):
+    """On a model whose margin never moves, no proposal is accepted, so each sample's point stays its start:
+    every query must differ from it. On 4×4 images late windows are one pixel, and a random sign repeats the
+    current corner half the time (one channel), which a query must not be spent on."""
+
+    class Flat(nn.Module):  # the same logits everywhere: nothing improves, nothing succeeds
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[torch.Tensor] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen.append(x.detach().clone())
+            return torch.tensor([[5.0, 0.0]]).expand(x.shape[0], 2) + 0 * x.flatten(1)[:, :1]
+
+    model = Flat()
+    x = torch.rand(16, channels, 4, 4)
+    atk = Square(model, eps=0.1, n_queries=300, seed=0)
+    atk(x, torch.zeros(16, dtype=torch.long))
+    start, queries = model.seen[1], torch.stack(model.seen[2:])  # [0] is the clean check
+    assert queries.shape[0] == 299
+    same = (queries == start).flatten(2).all(dim=2)
+    assert int(same.sum()) == 0, f"{int(same.sum())} of {same.numel()} queries repeated the current point"
+
+
 def test_square_l2_spends_the_whole_radius(cnn, digits):
     x, y = digits[2][:64], digits[3][:64]
     x_adv = Square(cnn, eps=1.0, norm="L2", n_queries=40, seed=0)(x, y)

@@ -153,38 +153,68 @@ class Square(Attack):
             x_best = self._init_l2(x)
         m_best, fooled = self._margin(x_best, y)
         queries += 1
+        # the samples still attacked, gathered once and gathered again only when some succeed: a query then
+        # touches just the proposal's window, its forward pass and the per-sample comparison
+        act = (~fooled).nonzero().squeeze(1)
+        src = (lo, hi) if self.norm == "Linf" else (x,)
+        src_a, xb_a, mb_a, y_a = [t[act] for t in src], x_best[act], m_best[act], y[act]
+        q_a = torch.zeros_like(act)
         for it in range(self.n_queries - 1):
-            act = (~fooled).nonzero().squeeze(1)
             if act.numel() == 0:
                 break
             p = self._p(it)
             if self.norm == "Linf":
-                x_new = self._propose_linf(lo[act], hi[act], x_best[act], p)
+                x_new = self._propose_linf(src_a[0], src_a[1], xb_a, p)
             else:
-                x_new = self._propose_l2(x[act], x_best[act], p)
-            m_new, f_new = self._margin(x_new, y[act])
-            queries[act] += 1
-            keep = (m_new < m_best[act]) | f_new
-            ak = act[keep]
-            x_best[ak], m_best[ak], fooled[ak] = x_new[keep], m_new[keep], f_new[keep]
+                x_new = self._propose_l2(src_a[0], xb_a, p)
+            m_new, f_new = self._margin(x_new, y_a)
+            q_a += 1
+            keep = (m_new < mb_a) | f_new
+            xb_a = torch.where(_per_sample(keep, xb_a), x_new, xb_a)
+            mb_a = torch.where(keep, m_new, mb_a)
+            if bool(f_new.any()):  # write the successes back and drop them from the working set
+                done, stay = act[f_new], ~f_new
+                x_best[done], m_best[done], fooled[done] = xb_a[f_new], mb_a[f_new], True
+                queries[act] += q_a
+                act, xb_a, mb_a, y_a = act[stay], xb_a[stay], mb_a[stay], y_a[stay]
+                src_a, q_a = [t[stay] for t in src_a], torch.zeros_like(act)
+        x_best[act], m_best[act] = xb_a, mb_a
+        queries[act] += q_a
         return x_best, fooled, -m_best
 
     def _propose_linf(self, lo: torch.Tensor, hi: torch.Tensor, x_best: torch.Tensor, p: float) -> torch.Tensor:
         """A random square window set to one ε-corner per channel (``lo`` or ``hi``, the projected x ∓ ε);
-        a proposal equal to the current point would waste a query, so its signs are drawn again."""
+        a proposal equal to the current point would waste a query, so its signs are drawn again (until they
+        differ, in one draw).
+
+        Only the ``s×s`` windows are read and written (gathered per sample through a channels-last view), so
+        a proposal costs O(n·c·s²), not O(n·c·h·w)."""
         n, c, h, w = x_best.shape
         s = min(max(int(round(math.sqrt(p * h * w))), 1), h, w)
         vh = self.randint(0, h - s + 1, (n,))
         vw = self.randint(0, w - s + 1, (n,))
-        win = self._window(vh, vw, s, h, w)
-        x_new = torch.where(win, torch.where(self.rademacher((n, c, 1, 1)) > 0, hi, lo), x_best)
-        redo = (x_new == x_best).reshape(n, -1).all(dim=1).nonzero().squeeze(1)
-        for _ in range(9):  # only the samples whose proposal changed nothing draw again
-            if redo.numel() == 0:
-                break
-            signs = self.rademacher((redo.numel(), c, 1, 1))
-            x_new[redo] = torch.where(win[redo], torch.where(signs > 0, hi[redo], lo[redo]), x_best[redo])
-            redo = redo[(x_new[redo] == x_best[redo]).reshape(redo.numel(), -1).all(dim=1)]
+        b, r, cc = self._index(vh, vw, s)
+
+        def window(t: torch.Tensor) -> torch.Tensor:  # (n, s, s, c): each sample's own window
+            return t.permute(0, 2, 3, 1)[b, r, cc]
+
+        lo_w, hi_w, best_w = window(lo), window(hi), window(x_best)
+        up = self.rademacher((n, c, 1, 1)).view(n, 1, 1, c) > 0
+        new_w = torch.where(up, hi_w, lo_w)
+        redo = (new_w == best_w).reshape(n, -1).all(dim=1).nonzero().squeeze(1)
+        if redo.numel():
+            # the window already holds exactly these corners: drawing the signs again until they differ is
+            # flipping a uniformly drawn non-empty subset of the channels (of those whose corners differ in the
+            # window; beyond 16 channels, where a repeat has odds below 2⁻¹⁶, any subset), done in one draw
+            if c <= 16:
+                bits = torch.arange(c, device=up.device)
+                flip = self.randint(1, 2**c, (redo.numel(),))[:, None] >> bits & 1 == 1
+            else:
+                flip = self.rademacher((redo.numel(), c)) > 0
+            flip = flip.view(-1, 1, 1, c)
+            new_w[redo] = torch.where(up[redo] ^ flip, hi_w[redo], lo_w[redo])
+        x_new = x_best.clone()
+        x_new.permute(0, 2, 3, 1)[b, r, cc] = new_w
         return x_new
 
     def _init_l2(self, x: torch.Tensor) -> torch.Tensor:
