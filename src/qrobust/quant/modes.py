@@ -25,10 +25,12 @@ making every quantizer of a model the identity.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -132,11 +134,14 @@ def fake_quant_q(x: torch.Tensor, scale: float, qmin: int, qmax: int) -> torch.T
     >>> fake_quant_q(torch.tensor([-1.0, 0.2, 0.3, 0.9, 5.0]), 0.5, 0, 2)
     tensor([0.0000, 0.0000, 0.5000, 1.0000, 1.0000])
     """
-    scale32 = torch.tensor(scale, dtype=torch.float32)
-    inv = float(1.0 / scale32)  # float32 reciprocal, exactly as fake_quantize computes it
+    scale32 = np.float32(scale)
+    # float32 reciprocal, exactly as fake_quantize computes it
+    inv = float(np.float32(1.0) / scale32) if scale32 != 0 else math.inf
     scale = float(scale32)
     if get_gradient_mode() == "native":
         return torch.round(torch.clamp(x * inv, qmin, qmax)) * scale
+    if not (torch.is_grad_enabled() and x.requires_grad):  # no graph to record: the same ops, no Function node
+        return torch.mul(x, inv).clamp_(qmin, qmax).round_().mul_(scale)
     return _FakeQuantSTE.apply(x, scale, inv, qmin, qmax)
 
 
