@@ -66,6 +66,12 @@ RECIPES: dict[str, tuple[str | None, list[str]]] = {
     "w4a4-ft-pgd-at-2": ("w4a4", ["--init", "@float-fgsm-rs", "--calib", "256", "--objective", "pgd-at",
                                   "--train-steps", "2", "--train-alpha", "4/255", "--schedule", "cosine"]),
 }
+def init_of(name: str) -> str | None:
+    """The run a fine-tune recipe starts from (its ``--init @NAME``), else None."""
+    flags = RECIPES[name][1]
+    return flags[flags.index("--init") + 1][1:] if "--init" in flags else None
+
+
 #: per-recipe epochs and peak lr where they differ from EPOCHS, LR (a fine-tune starts near its optimum)
 SETTINGS: dict[str, dict[str, float]] = {"w4a4-ft-pgd-at-2": {"epochs": 4, "lr": 0.01}}
 EPOCHS, LR = 15, 0.2
@@ -76,16 +82,20 @@ EPOCHS, LR = 15, 0.2
 for _epochs in (8, 30):
     RECIPES[f"w4a4-odgq-e{_epochs}"] = RECIPES["w4a4-odgq"]
     SETTINGS[f"w4a4-odgq-e{_epochs}"] = {"epochs": _epochs}
+#: per-recipe architecture where it is not ResNet-20. The capacity control (NAME-ARCH: recipe NAME, same 15
+#: epochs, on a wider network): WRN-16-4 has 10x ResNet-20's parameters (2.75 M vs 0.27 M) at 2.4x its step
+#: cost on one CPU thread (bf16, w4a4; a 4-bit ResNet-20's step is dominated by per-layer overhead)
+ARCH: dict[str, str] = {"w4a4-odgq-wrn-16-4": "wrn-16-4"}
+RECIPES["w4a4-odgq-wrn-16-4"] = RECIPES["w4a4-odgq"]
 
 
-def init_of(name: str) -> str | None:
-    """The run a fine-tune recipe starts from (its ``--init @NAME``), else None."""
-    flags = RECIPES[name][1]
-    return flags[flags.index("--init") + 1][1:] if "--init" in flags else None
+def arch_of(name: str) -> str:
+    """The architecture recipe ``name`` trains (a fine-tune: its --init's)."""
+    return ARCH.get(init_of(name) or name, "resnet20")
 
 
 def run_dir(runs: Path, name: str) -> Path:
-    return runs / f"cifar10-resnet20-{name}"
+    return runs / f"cifar10-{arch_of(name)}-{name}"
 
 
 def _data(data_dir: str | None) -> list[str]:
@@ -98,7 +108,7 @@ def train_command(runs: Path, name: str, epochs: int | None = None, data_dir: st
     flags = [str(run_dir(runs, f[1:])) if f.startswith("@") else f for f in flags]
     own = SETTINGS.get(name, {})
     epochs = epochs or int(own.get("epochs", EPOCHS))
-    model = [] if init_of(name) else ["--model", "resnet20"]  # a fine-tune's architecture is its --init's
+    model = [] if init_of(name) else ["--model", arch_of(name)]  # a fine-tune's architecture is its --init's
     cmd = ["qrobust", "train", "--dataset", "cifar10", *_data(data_dir), *model,
            *(["--bits", bits] if bits else []), *flags, "--epochs", str(epochs), "--lr", str(own.get("lr", LR)),
            *(["--bf16"] if bf16 else []), "--keep-checkpoints", "2", "--seed", "0", "--out", str(run_dir(runs, name))]
@@ -119,7 +129,9 @@ def parent_of(name: str) -> str:
     else the float run trained with the same recipe (float-X for w4a4-X), else float-fgsm-rs."""
     if init_of(name):
         return init_of(name)  # a fine-tune's parent is the run it started from
-    twin = "float-" + re.sub(r"-e\d+$", "", name.split("-", 1)[1])  # an epochs control's twin is its recipe's
+    # an epochs or capacity control's twin is its recipe's (for the capacity control a ResNet-20: transfer
+    # across architectures)
+    twin = "float-" + re.sub(r"-(e\d+|wrn-\d+-\d+)$", "", name.split("-", 1)[1])
     return twin if twin in RECIPES else "float-fgsm-rs"
 
 
@@ -167,7 +179,8 @@ def restore(runs: Path, name: str, n: int) -> None:
     for f in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix != ".png"):
         rel = f.relative_to(src)
         target = Path(f"{dst}-{rel.parts[0]}") / rel.name if rel.parts[0].startswith("eval") else dst / rel
-        copy_file(f, target, f"{KEPT_RUNS}cifar10-resnet20-", f"{runs.resolve()}/cifar10-resnet20-")
+        prefix = f"cifar10-{arch_of(name)}-"
+        copy_file(f, target, f"{KEPT_RUNS}{prefix}", f"{runs.resolve()}/{prefix}")
     print(f"restored {name} from {src} into {dst}", flush=True)
 
 
@@ -315,7 +328,7 @@ def main() -> int:
         return _run(eval_command(runs, args.name, args.n, args.data_dir))
     if args.stage == "card":
         cmd = ["qrobust", "zoo", "card", str(run_dir(runs, args.name)), "--report",
-               str(eval_dir(runs, args.name, args.n)), "--name", f"cifar10-resnet20-{args.name}",
+               str(eval_dir(runs, args.name, args.n)), "--name", f"cifar10-{arch_of(args.name)}-{args.name}",
                "--command", shlex.join(train_command(Path("runs"), args.name, args.epochs,
                                                      bf16=trained_with_bf16(runs, args.name, args.bf16)))]
         return _run(cmd)
