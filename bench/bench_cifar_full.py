@@ -227,7 +227,8 @@ def paired(runs: Path, names: list[str], n: int) -> dict[str, dict]:
 FIT_RESULTS = HERE / "results" / "cifar_full_fit.json"
 
 
-def fit_gap(runs: Path, names: list[str], n: int, data_dir: str | None = None) -> dict[str, dict]:
+def fit_gap(runs: Path, names: list[str], n: int, data_dir: str | None = None, threads: int = 1
+            ) -> dict[str, dict]:
     """Clean and APGD-CE (the standard suite's first attack, its settings) accuracy of each finished run on the
     first ``n`` training images (not augmented) and the first ``n`` test images, same seed: a model that is
     robust on the images it was trained on but not on new ones overfits (robust overfitting: more data or
@@ -239,7 +240,7 @@ def fit_gap(runs: Path, names: list[str], n: int, data_dir: str | None = None) -
     import qrobust
     from qrobust.data import load_dataset
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     kw = {"root": data_dir} if data_dir else {}
     split = {s: load_dataset("cifar10", s, **kw).tensors(n) for s in ("train", "test")}
     done = json.loads(FIT_RESULTS.read_text()) if FIT_RESULTS.exists() else {}
@@ -281,6 +282,8 @@ def main() -> int:
                    help=f"training epochs (default: the recipe's, {EPOCHS} for training from scratch)")
     p.add_argument("--bf16", action="store_true",
                    help="train under bfloat16 autocast (1.9x faster where the CPU has AVX512-BF16 or AMX)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="fit: torch threads (default 1; 2 on an otherwise idle two-core machine)")
     p.add_argument("--data-dir", default=None, help="where cifar10-jpeg.tar.gz is (default: qrobust's search)")
     args = p.parse_args()
     runs = Path(args.runs)
@@ -291,7 +294,7 @@ def main() -> int:
         return 0
     if args.stage == "fit":
         fit_gap(runs, [args.name] if args.name else [n for n in RECIPES if n != "w4a4-ft-pgd-at-2"], args.n,
-                args.data_dir)
+                args.data_dir, args.threads)
         return 0
     if args.stage in ("train", "eval", "evalq", "card"):
         restore(runs, args.name, args.n)
