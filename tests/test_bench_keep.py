@@ -148,3 +148,28 @@ def test_keep_without_runs_says_so(bench):
     with pytest.raises(SystemExit, match="holds no training run"):
         bench.main(["keeptoy", "--dataset", "digits", "--keep"])
     assert bench.restore(NAME) == []  # nothing kept: nothing restored
+
+
+def test_keep_refuses_what_is_too_large_to_commit(tmp_path, monkeypatch):
+    """A finished model up to MAX_FINAL_BYTES is kept (a WRN-16-2's 2.8 MB); one above it, and an epoch
+    checkpoint above MAX_BYTES, are refused with a message naming the file."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("_keep", None)
+    keep = importlib.import_module("_keep")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    final = run / "final.safetensors"
+    final.write_bytes(b"0" * 2_800_000)
+    assert keep.run_files(run) == [run / "config.json", final]
+    final.write_bytes(b"0" * (keep.MAX_FINAL_BYTES + 1))
+    with pytest.raises(SystemExit, match="final.safetensors is 3.0 MB, above the 3 MB"):
+        keep.run_files(run)
+    final.unlink()
+    (run / "checkpoints").mkdir()
+    epoch = run / "checkpoints" / "epoch_1.safetensors"
+    epoch.write_bytes(b"0" * 2_200_000)
+    with pytest.raises(SystemExit, match="epoch_1.safetensors is 2.2 MB, too large to commit"):
+        keep.run_files(run)
