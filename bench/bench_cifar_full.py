@@ -226,6 +226,43 @@ def paired(runs: Path, names: list[str], n: int) -> dict[str, dict]:
     return out
 
 
+FIGURE = HERE / "results" / "cifar_full.png"
+#: the issue's targets for the w4a4 model: worst case, clean accuracy (%), training time (min)
+TARGET_ROBUST, TARGET_CLEAN, TARGET_MIN = 35.0, 65.0, 120.0
+
+
+def plot_summary(summary: dict[str, dict], path: Path = FIGURE) -> Path:
+    """Each evaluated run's clean accuracy and standard-suite worst case (1,000 test images) as paired bars,
+    sorted by the worst case, with the issue's w4a4 targets as lines and each run's training time beside it."""
+    from qrobust.figures import new_figure, save_figure
+
+    runs = sorted((n for n in summary if n != "paired"), key=lambda n: summary[n]["robust_accuracy"])
+    fig = new_figure((7.6, 0.42 * len(runs) + 1.6))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, name in enumerate(runs):
+        r = summary[name]
+        clean, robust = 100 * r["clean_accuracy"], 100 * r["robust_accuracy"]
+        minutes = r.get("train_time_with_init_s", r["train_time_s"]) / 60
+        color = "tab:gray" if name.startswith("float") else "tab:blue"
+        ax.barh(i + 0.2, clean, height=0.38, color=color, alpha=0.35)
+        ax.barh(i - 0.2, robust, height=0.38, color=color)
+        box = {"facecolor": "white", "edgecolor": "none", "pad": 0.3}
+        ax.text(clean + 0.8, i + 0.2, f"{clean:.1f}", va="center", fontsize=7, bbox=box, zorder=3)
+        ax.text(robust + 0.8, i - 0.2, f"{robust:.1f} · {minutes:.0f} min", va="center", fontsize=7, bbox=box,
+                zorder=3)
+    ax.axvline(TARGET_ROBUST, color="tab:red", ls="--", lw=1, label=f"w4a4 target: worst case ≥ {TARGET_ROBUST:.0f} %")
+    ax.axvline(TARGET_CLEAN, color="tab:red", ls=":", lw=1, label=f"w4a4 target: clean ≥ {TARGET_CLEAN:.0f} %")
+    ax.set_yticks(range(len(runs)))
+    ax.set_yticklabels([f"{arch_of(n)} {n}" if arch_of(n) != "resnet20" else n for n in runs], fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(-0.7, len(runs) - 0.3)
+    ax.set_xlabel("accuracy on the first 1,000 CIFAR-10 test images (%): dark = standard-suite worst case "
+                  "(· training time), light = clean", fontsize=8)
+    ax.set_title("Full-scale CIFAR-10 runs, L∞ ε = 8/255 (blue: w4a4, gray: float)", fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=7, frameon=False)
+    return save_figure(fig, path)
+
+
 FIT_RESULTS = HERE / "results" / "cifar_full_fit.json"
 
 
@@ -381,6 +418,7 @@ def main() -> int:
     summary["paired"] = paired(runs, [n for n in summary], args.n)
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
+    print(f"wrote {RESULTS.relative_to(HERE.parent)} and {plot_summary(summary).relative_to(HERE.parent)}")
     return 0
 
 
