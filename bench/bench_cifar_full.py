@@ -54,6 +54,8 @@ RECIPES: dict[str, tuple[str | None, list[str]]] = {
     "float-natural": (None, ["--objective", "ce"]),
     "w4a4-odgq": ("w4a4", ["--objective", "odgq", "--schedule", "onecycle"]),
     "float-odgq": (None, ["--objective", "odgq", "--schedule", "onecycle"]),
+    # the precision between them (the issue's "w8a8 if time allows"): how much of w4a4's loss is the bit-width
+    "w8a8-odgq": ("w8a8", ["--objective", "odgq", "--schedule", "onecycle"]),
     "w4a4-pgd-at-2": ("w4a4", ["--objective", "pgd-at", "--train-steps", "2", "--train-alpha", "4/255",
                                "--schedule", "onecycle"]),
     # the PGD-AT float parent: the robust parent of the layerwise study (#12) and w4a4-pgd-at-2's transfer source

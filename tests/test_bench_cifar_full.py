@@ -42,3 +42,5 @@ def test_a_fine_tune_starts_from_its_parent_run(full, tmp_path):
         assert full.parent_of(name) == parent  # the transfer attack's source is the model it started from
     assert full.init_of("w4a4-fgsm-rs") is None and full.parent_of("w4a4-fgsm-rs") == "float-fgsm-rs"
     assert full.parent_of("w4a4-pgd-at-2") == "float-pgd-at-2"
+    assert full.parent_of("w8a8-odgq") == full.parent_of("w4a4-odgq-e30") == "float-odgq"
+    assert full.arch_of("w4a4-odgq-wrn-16-2") == "wrn-16-2" and full.arch_of("w8a8-odgq") == "resnet20"
