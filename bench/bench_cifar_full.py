@@ -260,7 +260,7 @@ def plot_summary(summary: dict[str, dict], path: Path = FIGURE) -> Path:
     ax.set_ylim(-0.7, len(runs) - 0.3)
     ax.set_xlabel("accuracy on the first 1,000 CIFAR-10 test images (%): dark = standard-suite worst case "
                   "(· training time), light = clean", fontsize=8)
-    ax.set_title("Full-scale CIFAR-10 runs, L∞ ε = 8/255 (blue: w4a4, gray: float)", fontsize=9)
+    ax.set_title("Full-scale CIFAR-10 runs, L∞ ε = 8/255 (blue: quantized, gray: float)", fontsize=9)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=7, frameon=False)
     return save_figure(fig, path)
 
