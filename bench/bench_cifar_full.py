@@ -23,7 +23,8 @@ bench/runs/cifar_full, not committed: the `card` stage copies a finished checkpo
 A machine whose scratch space does not outlive the session loses an unfinished run with it: ``keep NAME``
 copies what a run needs to continue (config.json, metrics.jsonl, final.safetensors or else the newest epoch
 checkpoint, refused above 2 MB: 2.2 MB for ResNet-20 with its optimizer state, so in practice a finished
-run; a finished model up to 3 MB, WRN-16-2's 2.8 MB, a WRN-16-4's 11 MB not) and its evaluation's state file into
+run; a wider network's model, 2.8 MB for WRN-16-2, is refused too: train it with --runs on storage that
+outlives the machine, such as ../shared/runs) and its evaluation's state file into
 bench/results/cifar_full/NAME/, to be committed; ``train``/``eval``/``card`` copy a kept run back into
 ``--runs`` when it is not there, and say so.
 """

@@ -151,8 +151,8 @@ def test_keep_without_runs_says_so(bench):
 
 
 def test_keep_refuses_what_is_too_large_to_commit(tmp_path, monkeypatch):
-    """A finished model up to MAX_FINAL_BYTES is kept (a WRN-16-2's 2.8 MB); one above it, and an epoch
-    checkpoint above MAX_BYTES, are refused with a message naming the file."""
+    """A finished model up to MAX_FINAL_BYTES is kept (a ResNet-20's 1.1 MB); one above it (a WRN-16-2's 2.8 MB),
+    and an epoch checkpoint above MAX_BYTES, are refused with a message naming the file and where to keep it."""
     import sys
 
     monkeypatch.syspath_prepend(str(BENCH))
@@ -162,10 +162,10 @@ def test_keep_refuses_what_is_too_large_to_commit(tmp_path, monkeypatch):
     run.mkdir()
     (run / "config.json").write_text("{}")
     final = run / "final.safetensors"
-    final.write_bytes(b"0" * 2_800_000)
+    final.write_bytes(b"0" * 1_100_000)
     assert keep.run_files(run) == [run / "config.json", final]
-    final.write_bytes(b"0" * (keep.MAX_FINAL_BYTES + 1))
-    with pytest.raises(SystemExit, match="final.safetensors is 3.0 MB, above the 3 MB"):
+    final.write_bytes(b"0" * 2_800_000)
+    with pytest.raises(SystemExit, match=r"final.safetensors is 2.8 MB, above the 2 MB .*--runs ../shared/runs"):
         keep.run_files(run)
     final.unlink()
     (run / "checkpoints").mkdir()
