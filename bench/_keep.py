@@ -29,31 +29,26 @@ def copy_file(src: Path, dst: Path, old: str, new: str) -> None:
         shutil.copy2(src, dst)
 
 
-#: the largest epoch checkpoint a keep copies into the repository (the project keeps checkpoints out of git
-#: above 2 MB: a ResNet-20 epoch checkpoint with optimizer state is 2.2 MB, an ODG-Q one carries its
-#: perturbation bank — 240 MB for CIFAR-10 — which does not belong in git)
+#: the largest file a keep copies into the repository (the project keeps checkpoints out of git above 2 MB:
+#: a ResNet-20 epoch checkpoint with optimizer state is 2.2 MB, an ODG-Q one carries its perturbation
+#: bank — 240 MB for CIFAR-10 — which does not belong in git; a finished ResNet-20 is 1.1 MB, a WRN-16-2 2.8 MB)
 MAX_BYTES = 2_000_000
-#: the largest finished model a keep commits: the same 2 MB (ResNet-20's final.safetensors is 1.1 MB); a wider
-#: network's (WRN-16-2 2.8 MB, WRN-16-4 11 MB) is refused: train it with ``--runs`` on storage that outlives the
-#: machine (../shared/runs), or it is lost with the machine
-MAX_FINAL_BYTES = MAX_BYTES
 
 
 def run_files(run: Path) -> list[Path]:
     """What the run folder ``run`` needs to continue: config.json and metrics.jsonl (where there), and
-    final.safetensors where the run finished, else its newest epoch checkpoint (by epoch number). An epoch
-    checkpoint above :data:`MAX_BYTES` or a final model above :data:`MAX_FINAL_BYTES` is refused (SystemExit
-    naming it), never committed by accident."""
+    final.safetensors where the run finished, else its newest epoch checkpoint (by epoch number). A file above
+    :data:`MAX_BYTES` is refused (SystemExit naming it and where to keep it), never committed by accident."""
     from qrobust.checkpoint import FINAL_NAME, epoch_checkpoints
 
     files = [f for f in (run / "config.json", run / "metrics.jsonl") if f.exists()]
     files += [run / FINAL_NAME] if (run / FINAL_NAME).exists() else epoch_checkpoints(run)[-1:]
     for f in files:
-        if f.name == FINAL_NAME and f.stat().st_size > MAX_FINAL_BYTES:
-            raise SystemExit(f"keep: {f} is {f.stat().st_size / 1e6:.1f} MB, above the "
-                             f"{MAX_FINAL_BYTES / 1e6:.0f} MB a kept model may have: keep its run folder on "
-                             "storage that outlives the machine (--runs ../shared/runs), not in git")
-        if f.name != FINAL_NAME and f.stat().st_size > MAX_BYTES:
+        if f.stat().st_size > MAX_BYTES and f.name == FINAL_NAME:
+            raise SystemExit(f"keep: {f} is {f.stat().st_size / 1e6:.1f} MB, above the {MAX_BYTES / 1e6:.0f} MB "
+                             "a kept model may have (a wider network's): keep its run folder on storage that "
+                             "outlives the machine (--runs ../shared/runs), not in git")
+        if f.stat().st_size > MAX_BYTES:
             raise SystemExit(f"keep: {f} is {f.stat().st_size / 1e6:.1f} MB, too large to commit (an epoch "
                              "checkpoint holds optimizer state, ODG-Q's its perturbation bank): let the run "
                              "finish — final.safetensors is small — or keep it outside git")

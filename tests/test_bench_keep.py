@@ -151,8 +151,8 @@ def test_keep_without_runs_says_so(bench):
 
 
 def test_keep_refuses_what_is_too_large_to_commit(tmp_path, monkeypatch):
-    """A finished model up to MAX_FINAL_BYTES is kept (a ResNet-20's 1.1 MB); one above it (a WRN-16-2's 2.8 MB),
-    and an epoch checkpoint above MAX_BYTES, are refused with a message naming the file and where to keep it."""
+    """A finished model up to MAX_BYTES is kept (a ResNet-20's 1.1 MB); one above it (a WRN-16-2's 2.8 MB),
+    and an epoch checkpoint above it, are refused with a message naming the file and where to keep it."""
     import sys
 
     monkeypatch.syspath_prepend(str(BENCH))
